@@ -1,0 +1,118 @@
+"""The ``fastpath`` command: ``serve``, ``status``, ``settings``.
+
+Exit codes: 0 success, 1 failure at run time, 2 bad usage or a bad setting,
+3 (``status``) nothing is running for that data dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from fastpath import __version__
+from fastpath.errors import CoreBuildError, MasterError, SettingsError
+
+EXIT_USAGE = 2
+
+
+def _parse_set(values: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SettingsError(f"--set expects NAME=VALUE, got {item!r}")
+        out[name.strip()] = value
+    return out
+
+
+def _settings_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from fastpath import settings as settings_mod
+
+    overrides: dict[str, Any] = _parse_set(args.set or [])
+    for flag, name in (("data_dir", "data_dir"), ("bind", "bind"), ("workers", "workers")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[name] = value
+    return settings_mod.load(args.config, overrides), overrides
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fastpath.master.arbiter import Master
+
+    settings, overrides = _settings_from_args(args)
+    master = Master(settings, config_file=args.config, overrides=overrides)
+    return master.run()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fastpath.master.status import status_main
+
+    settings, _ = _settings_from_args(args)
+    return status_main(settings["data_dir"], as_json=args.json)
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    from fastpath import settings as settings_mod
+
+    if args.markdown:
+        sys.stdout.write(settings_mod.markdown())
+        return 0
+    settings, _ = _settings_from_args(args)
+    for name in settings:
+        print(f"{name} = {settings[name]!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastpath", description="The OpenStack Compute API (Nova v2.1), fast."
+    )
+    parser.add_argument("--version", action="version", version=f"fastpath {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def common(p: argparse.ArgumentParser, serve: bool = False) -> None:
+        p.add_argument("--config", metavar="FILE", help="TOML settings file")
+        p.add_argument("--data-dir", dest="data_dir", metavar="DIR", help="data directory (default ./data)")
+        p.add_argument(
+            "--set", action="append", metavar="NAME=VALUE",
+            help="override any setting (see `fastpath settings --markdown`); repeatable",
+        )
+        if serve:
+            p.add_argument("--bind", metavar="HOST:PORT", help="listen address (default 127.0.0.1:8774)")
+            p.add_argument("--workers", metavar="N", help="worker processes (default: one per core)")
+
+    p = sub.add_parser("serve", help="run the API: a master process and its workers")
+    common(p, serve=True)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="list the running processes of a data dir")
+    common(p)
+    p.add_argument("--json", action="store_true", help="print a JSON list of process objects")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("settings", help="print the effective settings, or their documentation")
+    common(p, serve=True)
+    p.add_argument("--markdown", action="store_true", help="print the settings document")
+    p.set_defaults(func=cmd_settings)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:
+        print(f"fastpath: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CoreBuildError as exc:
+        print(f"fastpath: {exc}", file=sys.stderr)
+        return 1
+    except MasterError as exc:
+        print(f"fastpath: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
