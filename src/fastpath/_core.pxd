@@ -1,0 +1,116 @@
+# The object model of the request path: read this page first.
+#
+# _core.pyx holds behaviour and pulls in the pieces by concern (http/*.pxi) so that every
+# call between them is a direct C call in one translation unit (the uvloop layout).
+# Python builds a route plan at start-up (fastpath.api.routes); Worker compiles it into the
+# RouteNode tree below; per request only this compiled plan runs.
+
+from libc.stdint cimport uint64_t, int64_t
+
+
+cdef enum Method:
+    M_OTHER = 0
+    M_GET = 1
+    M_HEAD = 2
+    M_POST = 3
+    M_PUT = 4
+    M_DELETE = 5
+    M_PATCH = 6
+    M_OPTIONS = 7
+
+
+# What answers a route: a handler compiled into _core (hot) or a Python callable (cold).
+cdef enum Kind:
+    K_PYTHON = 0
+    K_VERSIONS = 1       # GET /            version list (not microversioned, no auth)
+    K_VERSION_V21 = 2    # GET /v2.1/       version document
+    K_VERSION_V2 = 3     # GET /v2/         legacy version document
+    K_HEALTHZ = 4        # GET /healthz
+
+
+cdef enum ConnState:
+    S_IDLE = 0           # between requests (keep-alive timer runs)
+    S_HEADERS = 1        # reading a request line and headers (header timer runs)
+    S_BODY = 2           # reading a body (body timer runs, refreshed by each chunk)
+    S_CLOSED = 3
+
+
+cdef enum PauseReason:
+    PAUSE_WRITE = 1      # the transport's write buffer is over its high-water mark
+    PAUSE_QUEUE = 2      # pipelined requests wait behind an asynchronous response
+
+
+cdef class Route:
+    cdef readonly int index          # metrics row; 0 is "no route"
+    cdef readonly int kind
+    cdef readonly object handler     # Python callable for K_PYTHON
+    cdef readonly bint auth          # needs a token
+    cdef readonly bint versioned     # microversion negotiated, version headers sent
+    cdef readonly str name           # "GET /v2.1/servers/{server_id}"
+
+
+cdef class RouteNode:
+    cdef dict children               # literal segment (bytes) -> RouteNode
+    cdef RouteNode capture           # "{name}" child, or None
+    cdef dict methods                # Method -> Route
+    cdef bytes allow                 # Allow header value for 405
+    cdef bint project_scope          # an unknown segment here may be a legacy project id
+    cdef bint auth_below             # paths below this node need a token even if unmatched
+
+
+cdef class Request:
+    # Filled by the parser callbacks.
+    cdef public int method
+    cdef public bytes method_name
+    cdef bytes url
+    cdef readonly bytes host
+    cdef bytes token
+    cdef bytes mv_new                # OpenStack-API-Version
+    cdef bytes mv_legacy             # X-OpenStack-Nova-API-Version
+    cdef readonly bytes content_type
+    cdef Py_ssize_t content_length   # -1 when absent
+    cdef bint expect_continue
+    cdef bytearray _body
+    cdef bint keep_alive
+    cdef Py_ssize_t header_bytes
+    cdef int header_count
+    # Filled by dispatch.
+    cdef readonly bytes path
+    cdef readonly bytes query
+    cdef readonly tuple captures
+    cdef readonly int version        # microversion minor (2.x); 0 when not negotiated
+    cdef readonly str user
+    cdef readonly str project
+    cdef readonly bint is_admin
+    cdef readonly bytes url_project  # /v2.1/{project_id}/... legacy form, else None
+    cdef readonly Route route
+
+
+cdef class HttpProtocol:
+    cdef object transport
+    cdef object _write
+    cdef object parser
+    cdef Request req                 # the request being parsed
+    cdef object queue                # collections.deque of complete Requests waiting
+    cdef bint busy                   # an asynchronous response is in progress
+    cdef int state
+    cdef int paused
+    cdef double deadline             # coarse monotonic seconds; 0 = none
+    cdef int err_status              # set by a callback before it aborts the parser
+    cdef str err_message
+    cdef bint closing                # close after the response in progress
+    cdef Py_ssize_t stall_bytes      # header bytes received without a completed callback
+
+    cdef _message_complete(self)
+    cdef _dispatch(self, Request req)
+    cdef _call_python(self, Request req, Route route)
+    cdef _respond_result(self, Request req, tuple result)
+    cdef _send(self, Request req, int status, bytes content_type, bytes body, bytes extra)
+    cdef _respond(self, Request req, int status, bytes body, bytes extra)
+    cdef _respond_error(self, Request req, int status, str message, bytes extra=*)
+    cdef _abort(self, int status, str message)
+    cdef _fail_connection(self, int status, str message)
+    cdef _after_response(self, Request req)
+    cdef _pause(self, int reason)
+    cdef _resume(self, int reason)
+    cdef _close(self)
