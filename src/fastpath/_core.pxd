@@ -72,6 +72,7 @@ cdef class Request:
     cdef bint expect_continue
     cdef bytearray _body
     cdef bint keep_alive
+    cdef bint http10                 # HTTP/1.0: keep-alive must be announced
     cdef Py_ssize_t header_bytes
     cdef int header_count
     # Filled by dispatch.

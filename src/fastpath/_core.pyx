@@ -39,7 +39,6 @@ SOURCE_HASH = FASTPATH_SOURCE_HASH.decode("ascii")
 log = logging.getLogger("fastpath.http")
 
 # Nova's microversion range.
-DEF_MIN_VERSION = 1
 MAX_VERSION = 104
 MIN_VERSION = 1
 
@@ -65,7 +64,6 @@ cdef double _header_timeout = 10.0
 cdef double _body_timeout = 30.0
 cdef double _keepalive_timeout = 30.0
 cdef Py_ssize_t _max_connections = 10000
-cdef Py_ssize_t _nconn = 0
 
 # Auth (noauth2): opaque tokens map to this project; this user is admin.
 cdef str _default_project = "default"
@@ -92,7 +90,7 @@ cdef class Worker:
     def __init__(self, plan, shm_buf, Py_ssize_t slot_offset, loop):
         global _worker, _root, _conns, _loop
         global _max_header_size, _max_headers, _max_body_size, _header_timeout
-        global _body_timeout, _keepalive_timeout, _max_connections, _nconn
+        global _body_timeout, _keepalive_timeout, _max_connections
         global _default_project, _admin_user, _authenticator
         self.plan = plan
         self.stopping = False
@@ -111,9 +109,10 @@ cdef class Worker:
         _default_project = s["auth.default_project"]
         _admin_user = s["auth.admin_user"]
         _authenticator = plan.authenticator
-        _nconn = 0
         self.routes = []
         _root = compile_routes(plan.routes, self.routes)
+        for api_root in plan.api_roots:
+            mark_api_root(api_root)
         _conns = set()
         _loop = loop
         metrics_attach(shm_buf, slot_offset, len(self.routes) + 1)

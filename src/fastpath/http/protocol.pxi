@@ -203,6 +203,7 @@ cdef class HttpProtocol:
         req.method_name = self.parser.get_method()
         req.method = method_code(req.method_name)
         req.keep_alive = self.parser.should_keep_alive()
+        req.http10 = self.parser.get_http_version() == "1.0"
         if req.content_length > _max_body_size:
             self._abort(413, f"Request body too large: the limit is {_max_body_size} bytes.")
         if req.expect_continue and self.transport is not None:
@@ -358,7 +359,7 @@ cdef class HttpProtocol:
         if self.transport is None:
             return
         data = render_response(status, content_type, body, req.version, extra, close,
-                               req.keep_alive and not close, head, True)
+                               req.http10 and not close, head, True)
         if head or PyBytes_GET_SIZE(body) <= COPY_LIMIT:
             self._write(data)
         else:
