@@ -39,9 +39,9 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings, overrides = _settings_from_args(args)  # a bad setting is refused first (exit 2)
     from fastpath.master.arbiter import Master
 
-    settings, overrides = _settings_from_args(args)
     master = Master(settings, config_file=args.config, overrides=overrides)
     return master.run()
 
