@@ -63,7 +63,7 @@ class Metrics:
     def __call__(self, req: Any) -> tuple[int, bytes, None, bytes]:
         return 200, self.render(), None, TEXT_PLAIN
 
-    def render(self) -> str | bytes:
+    def render(self) -> bytes:
         from fastpath import _loader
 
         core = _loader.load_core()
