@@ -16,10 +16,18 @@ CASES = [
     ("compute 2.79", b"OpenStack-API-Version: compute 2.79", 200, b"2.79"),
     ("legacy 2.79", b"X-OpenStack-Nova-API-Version: 2.79", 200, b"2.79"),
     ("latest", b"OpenStack-API-Version: compute latest", 200, b"2.104"),
-    ("both headers", b"OpenStack-API-Version: compute 2.60\r\nX-OpenStack-Nova-API-Version: 2.1",
-     200, b"2.60"),
-    ("service list", b"OpenStack-API-Version: placement 1.39, identity 3.14, compute 2.88",
-     200, b"2.88"),
+    (
+        "both headers",
+        b"OpenStack-API-Version: compute 2.60\r\nX-OpenStack-Nova-API-Version: 2.1",
+        200,
+        b"2.60",
+    ),
+    (
+        "service list",
+        b"OpenStack-API-Version: placement 1.39, identity 3.14, compute 2.88",
+        200,
+        b"2.88",
+    ),
     ("malformed (400)", b"OpenStack-API-Version: compute 2.x", 400, None),
     ("out of range (406)", b"OpenStack-API-Version: compute 2.999", 406, None),
 ]

@@ -1,0 +1,656 @@
+#!/usr/bin/env python3
+"""Load benchmark: the real ``fastpath serve`` beside nginx serving the same bytes.
+
+It starts, on free loopback ports and in a temporary directory:
+
+* ``fastpath serve`` (master + ``--workers`` workers, a fresh data dir);
+* nginx with ``worker_processes`` = ``--workers``, ``daemon off; master_process on;``,
+  ``access_log off``, unlimited keep-alive, serving as static files the very bodies
+  fastpath answers for the same request (fetched from fastpath first, Host included),
+  with ``default_type application/json``;
+
+then runs wrk against each, interleaved (fastpath, nginx, fastpath, nginx, ... for
+``--rounds`` rounds), with the same request headers, and reports per scenario and target
+the median requests/s over the rounds, the latency p50/p99 (median over rounds; from a wrk
+Lua ``done()`` hook) and the ratio fastpath/nginx of the medians.
+
+Every process it starts is stopped in a ``finally`` (SIGTERM, then SIGKILL), each in its own
+session so that nothing it forked survives; every wait is bounded by a timeout.  Nothing
+is pinned to CPUs: the load generator shares the machine with the servers, as in the
+figures quoted in docs/benchmarks.md.
+
+    python benchmarks/load.py [--workers 2] [--duration 10] [--connections 32] [--threads 1]
+                              [--rounds 3] [--scenarios v21,healthz] [--json out.json]
+
+Exit status: 0 when every run completed without errors, 1 when a run failed or saw
+socket/HTTP errors (the table marks those), 2 for bad usage or a missing tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    path: str
+    headers: tuple[str, ...] = ()
+    file: str = ""  # the body file nginx serves for ``path``
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "v21": Scenario("v21", "GET /v2.1/", "/v2.1/", file="v21.json"),
+    "healthz": Scenario("healthz", "GET /healthz", "/healthz", file="healthz.json"),
+    # A new connection per request: accept + close cost, both sides.
+    "v21-close": Scenario(
+        "v21-close",
+        "GET /v2.1/ (Connection: close)",
+        "/v2.1/",
+        ("Connection: close",),
+        file="v21.json",
+    ),
+}
+DEFAULT_SCENARIOS = "v21,healthz"
+
+# wrk's done() hook: one parseable line (latencies in microseconds).
+WRK_LUA = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "FPBENCH requests=%d duration_us=%d bytes=%d connect=%d read=%d write=%d status=%d " ..
+    "timeout=%d p50=%d p90=%d p99=%d p999=%d mean=%.1f max=%d\n",
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency:percentile(99.9), latency.mean, latency.max))
+end
+"""
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes {workers};
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    types {{ }}
+    default_type application/json;
+    access_log off;
+    server_tokens off;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    open_file_cache max=16 inactive=600s;
+    open_file_cache_valid 600s;
+    client_body_temp_path {prefix}/tmp/client_body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    server {{
+        # reuseport: one listening socket per worker, as fastpath's master does.
+        listen {host}:{port} reuseport backlog=1024;
+{locations}
+    }}
+}}
+"""
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+class Proc:
+    """A child in its own session (so its own children can be found by group id)."""
+
+    def __init__(self, name: str, argv: list[str], log_path: str, cwd: str | None = None):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return ""
+        return data[-n:].decode("utf-8", "replace")
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM, wait ``grace``; then SIGKILL; then SIGKILL whatever is left of its group."""
+        try:
+            if self.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGTERM)
+                try:
+                    self.popen.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    print(
+                        f"load: {self.name} (pid {self.pid}) ignored SIGTERM for {grace:.0f}s; "
+                        "killing it",
+                        file=sys.stderr,
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.pid, signal.SIGKILL)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.popen.wait(timeout=5)
+            # Children that outlived their parent (the group id is the child's pid).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+        finally:
+            self._log.close()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(
+    port: int, path: str, host_header: str, timeout: float = 2.0, headers: tuple[str, ...] = ()
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        hdrs = {"Host": host_header}
+        for h in headers:
+            k, _, v = h.partition(":")
+            hdrs[k.strip()] = v.strip()
+        conn.request("GET", path, headers=hdrs)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(proc: Proc, port: int, path: str, host_header: str, deadline_s: float) -> None:
+    deadline = time.monotonic() + deadline_s
+    last: str = "no answer"
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(
+                f"{proc.name} exited with status {proc.popen.returncode} before answering; "
+                f"its output:\n{proc.log_tail()}"
+            )
+        try:
+            status, _, _ = http_get(port, path, host_header, timeout=1.0)
+            if status == 200:
+                return
+            last = f"status {status}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"{proc.name} did not answer GET {path} with 200 within {deadline_s:.0f}s ({last}); "
+        f"its output:\n{proc.log_tail()}"
+    )
+
+
+# -- wrk ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    target: str
+    scenario: str
+    round: int
+    rps: float = 0.0
+    requests: int = 0
+    duration_s: float = 0.0
+    bytes_per_response: float = 0.0
+    p50_us: int = 0
+    p90_us: int = 0
+    p99_us: int = 0
+    p999_us: int = 0
+    mean_us: float = 0.0
+    max_us: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    failed: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not any(self.errors.values())
+
+
+def wrk_argv(
+    wrk: str,
+    args: argparse.Namespace,
+    script: str,
+    host_header: str,
+    scenario: Scenario,
+    port: int,
+    duration: float,
+) -> list[str]:
+    argv = [
+        wrk,
+        "-t",
+        str(args.threads),
+        "-c",
+        str(args.connections),
+        "-d",
+        f"{duration:g}s",
+        "--timeout",
+        "5s",
+        "-s",
+        script,
+        "-H",
+        f"Host: {host_header}",
+    ]
+    for h in scenario.headers:
+        argv += ["-H", h]
+    argv.append(f"http://{HOST}:{port}{scenario.path}")
+    return argv
+
+
+def run_wrk(argv: list[str], duration: float, target: str, scenario: str, rnd: int) -> Run:
+    run = Run(target, scenario, rnd)
+    try:
+        cp = subprocess.run(
+            argv, capture_output=True, text=True, timeout=duration + 30, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired:
+        run.failed = f"wrk did not finish within {duration + 30:.0f}s"
+        return run
+    line = next((x for x in cp.stdout.splitlines() if x.startswith("FPBENCH ")), None)
+    if cp.returncode != 0 or line is None:
+        run.failed = f"wrk exited {cp.returncode}: {(cp.stderr or cp.stdout).strip()[-500:]}"
+        return run
+    kv = dict(item.split("=", 1) for item in line.split()[1:])
+    run.requests = int(kv["requests"])
+    run.duration_s = int(kv["duration_us"]) / 1e6
+    run.rps = run.requests / run.duration_s if run.duration_s else 0.0
+    run.bytes_per_response = int(kv["bytes"]) / run.requests if run.requests else 0.0
+    run.p50_us, run.p90_us, run.p99_us, run.p999_us = (
+        int(kv["p50"]),
+        int(kv["p90"]),
+        int(kv["p99"]),
+        int(kv["p999"]),
+    )
+    run.mean_us = float(kv["mean"])
+    run.max_us = int(kv["max"])
+    run.errors = {k: int(kv[k]) for k in ("connect", "read", "write", "status", "timeout")}
+    return run
+
+
+# -- the benchmark -----------------------------------------------------------------------
+
+
+def machine_info(wrk: str, nginx: str) -> dict[str, Any]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            cp = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        out = (cp.stdout + cp.stderr).strip().splitlines()
+        return out[0] if out else "?"
+
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "wrk": first_line([wrk, "-v"]),
+        "nginx": first_line([nginx, "-v"]),
+        "loadavg_before": os.getloadavg(),
+    }
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    try:
+        from fastpath import _loader
+
+        info["fastpath_core_source"] = _loader.load_core().SOURCE_HASH
+    except Exception as exc:  # noqa: BLE001 - informational only
+        info["fastpath_core_source"] = f"unavailable: {exc}"
+    return info
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def summarize(runs: list[Run]) -> dict[str, Any]:
+    good = [r for r in runs if not r.failed]
+    return {
+        "rps_median": median([r.rps for r in good]),
+        "rps_rounds": [round(r.rps, 1) for r in good],
+        "p50_us_median": median([r.p50_us for r in good]),
+        "p99_us_median": median([r.p99_us for r in good]),
+        "bytes_per_response": median([r.bytes_per_response for r in good]),
+        "errors": sum(sum(r.errors.values()) for r in runs),
+        "failed_runs": sum(1 for r in runs if r.failed),
+    }
+
+
+def print_table(results: dict[str, Any], scenarios: list[Scenario], targets: list[str]) -> None:
+    head = (
+        f"{'scenario':<32} {'target':<9} {'req/s median':>13} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'B/resp':>7}  rounds (req/s)"
+    )
+    print(head)
+    print("-" * len(head))
+    for sc in scenarios:
+        res = results[sc.name]
+        for t in targets:
+            s = res[t]
+            flag = ""
+            if s["errors"] or s["failed_runs"]:
+                flag = f"  !! {s['errors']} errors, {s['failed_runs']} failed runs"
+            rounds = " ".join(f"{x:.0f}" for x in s["rps_rounds"])
+            print(
+                f"{sc.title:<32} {t:<9} {s['rps_median']:>13,.0f} "
+                f"{s['p50_us_median'] / 1000:>8.3f} {s['p99_us_median'] / 1000:>8.3f} "
+                f"{s['bytes_per_response']:>7.0f}  {rounds}{flag}"
+            )
+        if "ratio" in res:
+            print(f"{'':<32} {'ratio':<9} {res['ratio']:>12.2f}x  (fastpath / nginx, medians)")
+    print()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="fastpath vs nginx (same bytes) under wrk, interleaved rounds."
+    )
+    p.add_argument("--workers", type=int, default=2, help="workers of each server (default 2)")
+    p.add_argument("--duration", type=float, default=10, help="seconds per wrk run (default 10)")
+    p.add_argument("--connections", type=int, default=32, help="wrk -c (default 32)")
+    p.add_argument("--threads", type=int, default=1, help="wrk -t (default 1)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=2,
+        help="seconds of unmeasured wrk load on each target first (default 2; 0: none)",
+    )
+    p.add_argument(
+        "--scenarios",
+        default=DEFAULT_SCENARIOS,
+        help=f"comma-separated, from {','.join(SCENARIOS)} (default {DEFAULT_SCENARIOS})",
+    )
+    p.add_argument(
+        "--targets",
+        default="fastpath,nginx",
+        help="comma-separated subset of fastpath,nginx (default both)",
+    )
+    p.add_argument("--json", metavar="FILE", help="write every run and the summary as JSON")
+    p.add_argument(
+        "--fastpath-cmd",
+        default=f"{shlex.quote(sys.executable)} -m fastpath",
+        help="how to run fastpath (default: this Python's -m fastpath); "
+        "'serve --bind ... --workers ... --data-dir ...' is appended",
+    )
+    p.add_argument(
+        "--fastpath-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra --set for fastpath serve; repeatable",
+    )
+    p.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
+    p.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.scenarios.split(",") if s not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    bad = [t for t in args.targets.split(",") if t not in ("fastpath", "nginx")]
+    if bad or not args.targets:
+        p.error("--targets: fastpath and/or nginx")
+    if args.workers < 1 or args.rounds < 1 or args.duration <= 0 or args.connections < 1:
+        p.error("--workers, --rounds, --duration and --connections must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    targets = args.targets.split(",")
+    for tool, path in (("wrk", args.wrk), ("nginx", args.nginx)):
+        if (tool == "wrk" or "nginx" in targets) and not (
+            shutil.which(path) or os.access(path, os.X_OK)
+        ):
+            print(
+                f"load: {tool} not found ({path}); apt-get install -y wrk nginx-light",
+                file=sys.stderr,
+            )
+            return 2
+    scenarios = [SCENARIOS[s] for s in args.scenarios.split(",")]
+    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv)
+
+    # A SIGTERM to this script must still run the finally blocks below.
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    tmp = tempfile.mkdtemp(prefix="fastpath-load-")
+    procs: list[Proc] = []
+    try:
+        return _bench(args, targets, scenarios, command, tmp, procs)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        if args.keep_tmp:
+            print(f"load: kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench(
+    args: argparse.Namespace,
+    targets: list[str],
+    scenarios: list[Scenario],
+    command: str,
+    tmp: str,
+    procs: list[Proc],
+) -> int:
+    fp_port = free_port()
+    ng_port = free_port()
+    while ng_port == fp_port:
+        ng_port = free_port()
+    host_header = f"{HOST}:{fp_port}"  # both servers get fastpath's Host: same body bytes
+    machine = machine_info(args.wrk, args.nginx)
+
+    # fastpath
+    data_dir = os.path.join(tmp, "data")
+    os.makedirs(data_dir)
+    fp_argv = [
+        *shlex.split(args.fastpath_cmd),
+        "serve",
+        "--bind",
+        host_header,
+        "--workers",
+        str(args.workers),
+        "--data-dir",
+        data_dir,
+    ]
+    for item in args.fastpath_set:
+        fp_argv += ["--set", item]
+    fp = Proc("fastpath", fp_argv, os.path.join(tmp, "fastpath.log"), cwd=tmp)
+    procs.append(fp)
+    wait_ready(fp, fp_port, "/healthz", host_header, 60)
+
+    # The exact bodies fastpath answers, for nginx to serve.
+    www = os.path.join(tmp, "www")
+    os.makedirs(www)
+    bodies: dict[str, bytes] = {}
+    for sc in scenarios:
+        status, _, body = http_get(fp_port, sc.path, host_header, headers=sc.headers)
+        if status != 200:
+            raise RuntimeError(f"fastpath answered {sc.title} with {status}: {body[:300]!r}")
+        bodies[sc.file] = body
+        with open(os.path.join(www, sc.file), "wb") as f:
+            f.write(body)
+
+    ng = None
+    conf = None
+    if "nginx" in targets:
+        prefix = os.path.join(tmp, "nginx")
+        os.makedirs(os.path.join(prefix, "tmp"))
+        locations = "\n".join(
+            f"        location = {sc.path} {{ root {www}; try_files /{sc.file} =404; }}"
+            for sc in {sc.path: sc for sc in scenarios}.values()
+        )
+        conf = NGINX_CONF.format(
+            workers=args.workers, prefix=prefix, host=HOST, port=ng_port, locations=locations
+        )
+        conf_path = os.path.join(prefix, "nginx.conf")
+        with open(conf_path, "w") as f:
+            f.write(conf)
+        # nginx started as root runs its workers as nobody: let them read the bodies.
+        for d in (tmp, www):
+            os.chmod(d, 0o755)
+        for name in bodies:
+            os.chmod(os.path.join(www, name), 0o644)
+        ng = Proc(
+            "nginx",
+            [args.nginx, "-p", prefix, "-c", conf_path, "-e", os.path.join(prefix, "error.log")],
+            os.path.join(tmp, "nginx.log"),
+        )
+        procs.append(ng)
+        wait_ready(ng, ng_port, scenarios[0].path, host_header, 30)
+        for sc in scenarios:
+            status, _, body = http_get(ng_port, sc.path, host_header, headers=sc.headers)
+            if status != 200 or body != bodies[sc.file]:
+                raise RuntimeError(
+                    f"nginx does not serve fastpath's body for {sc.title} "
+                    f"(status {status}, {len(body)} bytes)"
+                )
+
+    ports = {"fastpath": fp_port, "nginx": ng_port}
+    script = os.path.join(tmp, "report.lua")
+    with open(script, "w") as f:
+        f.write(WRK_LUA)
+
+    example = {
+        sc.name: shlex.join(
+            wrk_argv("wrk", args, "report.lua", host_header, sc, fp_port, args.duration)
+        )
+        for sc in scenarios
+    }
+    print(f"command: {command}")
+    print(f"fastpath: {shlex.join(fp_argv)}  (pid {fp.pid})")
+    if ng is not None:
+        print(f"nginx:    {shlex.join(ng.argv)}  (pid {ng.pid}, worker_processes {args.workers})")
+    for sc in scenarios:
+        print(f"wrk:      {example[sc.name]}   (nginx: port {ng_port}, same Host header)")
+    print("bodies:   " + ", ".join(f"{sc.path} {len(bodies[sc.file])} B" for sc in scenarios))
+    print(
+        f"rounds:   {args.rounds} x {len(scenarios)} scenario(s) x {len(targets)} target(s) x "
+        f"{args.duration:g}s, interleaved; warm-up {args.warmup:g}s per target and scenario"
+    )
+    print(flush=True)
+
+    if args.warmup > 0:
+        for sc in scenarios:
+            for t in targets:
+                run_wrk(
+                    wrk_argv(args.wrk, args, script, host_header, sc, ports[t], args.warmup),
+                    args.warmup,
+                    t,
+                    sc.name,
+                    0,
+                )
+
+    runs: list[Run] = []
+    for rnd in range(1, args.rounds + 1):
+        for sc in scenarios:
+            for t in targets:
+                for p in procs:
+                    if not p.alive():
+                        raise RuntimeError(
+                            f"{p.name} exited ({p.popen.returncode}) during the "
+                            f"benchmark; its output:\n{p.log_tail()}"
+                        )
+                run = run_wrk(
+                    wrk_argv(args.wrk, args, script, host_header, sc, ports[t], args.duration),
+                    args.duration,
+                    t,
+                    sc.name,
+                    rnd,
+                )
+                runs.append(run)
+                err = "" if run.ok else f"  !! {run.failed or run.errors}"
+                print(
+                    f"  round {rnd}  {sc.title:<32} {t:<9} {run.rps:>10,.0f} req/s  "
+                    f"p50 {run.p50_us / 1000:.3f} ms  p99 {run.p99_us / 1000:.3f} ms{err}",
+                    flush=True,
+                )
+
+    results: dict[str, Any] = {}
+    for sc in scenarios:
+        res: dict[str, Any] = {}
+        for t in targets:
+            res[t] = summarize([r for r in runs if r.scenario == sc.name and r.target == t])
+        if "fastpath" in res and "nginx" in res and res["nginx"]["rps_median"]:
+            res["ratio"] = res["fastpath"]["rps_median"] / res["nginx"]["rps_median"]
+        results[sc.name] = res
+    print()
+    print_table(results, scenarios, targets)
+    print(f"command: {command}")
+
+    if args.json:
+        doc = {
+            "command": command,
+            "wrk_commands": example,
+            "fastpath_command": fp_argv,
+            "nginx_conf": conf,
+            "settings": {
+                k: getattr(args, k)
+                for k in (
+                    "workers",
+                    "duration",
+                    "connections",
+                    "threads",
+                    "rounds",
+                    "warmup",
+                    "scenarios",
+                    "targets",
+                )
+            },
+            "machine": machine,
+            "bodies": {sc.name: len(bodies[sc.file]) for sc in scenarios},
+            "results": results,
+            "runs": [r.__dict__ for r in runs],
+        }
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+        print(f"wrote {args.json}")
+    ok = all(r.ok for r in runs)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
