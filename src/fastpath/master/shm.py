@@ -1,8 +1,11 @@
 """Shared memory between the master and its children: heartbeats, readiness, counters.
 
-The master maps one anonymous shared region (``mmap(-1, size)`` is MAP_SHARED|MAP_ANONYMOUS)
-before it forks, so every child inherits the same pages; nothing touches the disk and no
-message round trip is needed to read a worker's state or to sum counters for /metrics.
+The master maps one shared region before it forks, so every child inherits the same pages
+and no message round trip is needed to read a worker's state or to sum counters for
+/metrics.  ``fastpath serve`` backs it with a file, ``DATA_DIR/run/fastpath.shm``
+(:meth:`SharedState.create_file`), so that ``fastpath status`` can map it read-only
+(:meth:`SharedState.open_file`); without a path it is anonymous (``mmap(-1, size)`` is
+MAP_SHARED|MAP_ANONYMOUS), which the unit tests use.
 
 Each child process owns one *process slot* and is its only writer; the master writes the
 header and the ``restarts`` field of a slot only while no child owns it.  Every field is a
@@ -22,6 +25,7 @@ Layout (little-endian, offsets in bytes)::
      24  worker_restarts      u64  respawns of API workers since the master started
      32  master_pid           u64
      40  generation           u64  current worker generation (bumped on every reload)
+     48  master_started       f64  wall-clock start time of the master
     slot i at HEADER_SIZE + i * slot_size
       0  pid                  i64  0 = free
       8  role                 u64  ROLE_* below
@@ -40,6 +44,7 @@ Layout (little-endian, offsets in bytes)::
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import time
 
@@ -95,9 +100,57 @@ class SharedState:
         self.size = HEADER_SIZE + nslots * SLOT_SIZE
         self.buf = buf if buf is not None else mmap.mmap(-1, self.size)
         if buf is None:
-            self.buf[0:8] = MAGIC
-            _U64.pack_into(self.buf, 8, nslots)
-            _U64.pack_into(self.buf, 16, SLOT_SIZE)
+            self._init_header()
+
+    def _init_header(self) -> None:
+        self.buf[0:8] = MAGIC
+        _U64.pack_into(self.buf, 8, self.nslots)
+        _U64.pack_into(self.buf, 16, SLOT_SIZE)
+
+    @classmethod
+    def create_file(cls, path: str, nslots: int) -> SharedState:
+        """A fresh region backed by the file ``path`` (replaced atomically if it exists).
+
+        MAP_SHARED on a regular file: children inherit the mapping through fork like an
+        anonymous one, and ``fastpath status`` can map the same file to read it.
+        """
+        size = HEADER_SIZE + nslots * SLOT_SIZE
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, size)  # sparse: only pages that are touched take space
+            buf = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        state = cls(nslots, buf)
+        state._init_header()
+        # Readers never see a half-initialised header: the name appears complete.
+        os.replace(tmp, path)
+        return state
+
+    @classmethod
+    def open_file(cls, path: str) -> SharedState:
+        """Map an existing region read-only (``fastpath status``); ValueError if not one."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER_SIZE:
+                raise ValueError(f"{path} is too short to be a fastpath shared-memory file")
+            buf = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        if buf[0:8] != MAGIC:
+            buf.close()
+            raise ValueError(f"{path} is not a fastpath shared-memory file (bad magic)")
+        nslots = int(_U64.unpack_from(buf, 8)[0])
+        slot_size = int(_U64.unpack_from(buf, 16)[0])
+        if slot_size != SLOT_SIZE or size < HEADER_SIZE + nslots * slot_size:
+            buf.close()
+            raise ValueError(f"{path} has another layout than this fastpath version")
+        return cls(nslots, buf)
 
     # -- header ---------------------------------------------------------------------------
     def _u64(self, off: int) -> int:
@@ -121,6 +174,18 @@ class SharedState:
 
     def set_master_pid(self, pid: int) -> None:
         _U64.pack_into(self.buf, 32, pid)
+
+    @property
+    def master_pid(self) -> int:
+        return self._u64(32)
+
+    @property
+    def master_started(self) -> float:
+        return float(_F64.unpack_from(self.buf, 48)[0])
+
+    @master_started.setter
+    def master_started(self, value: float) -> None:
+        _F64.pack_into(self.buf, 48, value)
 
     # -- slots ----------------------------------------------------------------------------
     def slot_offset(self, slot: int) -> int:
@@ -176,6 +241,15 @@ class SharedState:
 
     def started(self, slot: int) -> float:
         return float(_F64.unpack_from(self.buf, self.slot_offset(slot) + OFF_STARTED)[0])
+
+    def slot_generation(self, slot: int) -> int:
+        return self._u64(self.slot_offset(slot) + OFF_GENERATION)
+
+    def restarts(self, slot: int) -> int:
+        return self._u64(self.slot_offset(slot) + OFF_RESTARTS)
+
+    def worker_index(self, slot: int) -> int:
+        return self._u64(self.slot_offset(slot) + OFF_WORKER_INDEX)
 
     def store_txns(self, role: int = ROLE_WORKER) -> tuple[int, int]:
         """Sum of (read, write) store transactions over every slot of ``role`` ever used."""

@@ -5,7 +5,8 @@ The master forks this after binding; :func:`run_worker` never returns.  Exit cod
 * 0  clean exit (SIGTERM drain finished, or SIGINT);
 * 3  ``EXIT_BOOT_ERROR``: the worker could not start (the master halts instead of
      respawning forever, as gunicorn's arbiter does);
-* anything else: a crash, and the master respawns with back-off.
+* 1  ``EXIT_CRASH``: an error escaped the loop after the worker served; anything else
+     (or a signal) is a crash too, and the master respawns with back-off.
 
 Signals: SIGTERM = stop accepting, finish in-flight requests, close idle keep-alive
 connections, exit within ``master.graceful_timeout``; SIGINT = exit now; SIGHUP and
@@ -27,6 +28,7 @@ from fastpath.master.shm import ROLE_WORKER, SharedState
 from fastpath.settings import Settings
 
 EXIT_OK = 0
+EXIT_CRASH = 1
 EXIT_BOOT_ERROR = 3
 
 log = logging.getLogger("fastpath.worker")
@@ -95,6 +97,10 @@ def _serve(settings: Settings, sock: socket.socket, shm: SharedState, slot: int,
     log.debug("worker %d serving (slot %d, generation %d, role %d)", os.getpid(), slot, generation, ROLE_WORKER)
     try:
         loop.run_forever()
+    except Exception:
+        # Not EXIT_BOOT_ERROR: this worker did serve, so the master respawns it.
+        log.exception("worker %d crashed", os.getpid())
+        return EXIT_CRASH
     finally:
         worker.close_all()
     return EXIT_OK
