@@ -33,6 +33,8 @@ cdef enum ConnState:
     S_HEADERS = 1        # reading a request line and headers (header timer runs)
     S_BODY = 2           # reading a body (body timer runs, refreshed by each chunk)
     S_CLOSED = 3
+    S_FAILED = 4         # the parser failed behind an asynchronous response: answer what
+                         # came before, then the error, then close (read nothing more)
 
 
 cdef enum PauseReason:
@@ -73,6 +75,8 @@ cdef class Request:
     cdef bytearray _body
     cdef bint keep_alive
     cdef bint http10                 # HTTP/1.0: keep-alive must be announced
+    cdef bint has_connection         # a Connection header was sent
+    cdef bint upgrade                # an Upgrade header was sent
     cdef Py_ssize_t header_bytes
     cdef int header_count
     # Filled by dispatch.
@@ -99,13 +103,21 @@ cdef class HttpProtocol:
     cdef double deadline             # coarse monotonic seconds; 0 = none
     cdef int err_status              # set by a callback before it aborts the parser
     cdef str err_message
+    cdef int fail_status             # S_FAILED: the error to answer once the queue drained
+    cdef str fail_message
     cdef bint closing                # close after the response in progress
-    cdef Py_ssize_t stall_bytes      # header bytes received without a completed callback
+    cdef bint eof                    # the client half-closed: close after the last answer
+    # Header-size accounting of data_received (httptools has no limit of its own):
+    cdef Py_ssize_t pending          # bytes received that no callback has reported yet
+    cdef Py_ssize_t url_in_feed      # target bytes reported during the current feed
+    cdef bint reported               # a callback ran during the current feed
+    cdef bint body_in_feed           # on_body ran during the current feed
 
     cdef _message_complete(self)
     cdef _dispatch(self, Request req)
     cdef _call_python(self, Request req, Route route)
-    cdef _respond_result(self, Request req, tuple result)
+    cdef _respond_result(self, Request req, object result)
+    cdef _respond_fault(self, Request req, object fault)
     cdef _send(self, Request req, int status, bytes content_type, bytes body, bytes extra)
     cdef _respond(self, Request req, int status, bytes body, bytes extra)
     cdef _respond_error(self, Request req, int status, str message, bytes extra=*)

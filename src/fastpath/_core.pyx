@@ -131,6 +131,11 @@ cdef class Worker:
     def _tick(self):
         # PERF: one timer per process instead of one per connection: the tick refreshes the
         # coarse clock and the Date header, beats the heartbeat and sweeps the deadlines.
+        self.tick()
+        self._tick_handle = _loop.call_later(clock_next_tick_delay(), self._tick)
+
+    def tick(self):
+        """One tick, without scheduling the next (tests call it to drive timeouts)."""
         clock_tick()
         metrics_heartbeat()
         cdef HttpProtocol p
@@ -145,7 +150,6 @@ cdef class Worker:
                 p.timed_out()
         if self.stopping:
             self._check_shutdown()
-        self._tick_handle = _loop.call_later(clock_next_tick_delay(), self._tick)
 
     def begin_shutdown(self, double grace, done):
         """Graceful stop: idle connections close now, busy ones after their response."""

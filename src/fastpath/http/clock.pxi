@@ -8,6 +8,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC, CLOCK_REALTIME
 from libc.time cimport time_t, tm, gmtime_r, strftime
 
 cdef double _now = 0.0
+cdef double _clock_offset = 0.0   # added to _now; only clock_skew() (tests) changes it
 cdef char _date_line[64]          # "Date: Tue, 25 Nov 2026 00:12:00 GMT\r\n"
 cdef Py_ssize_t _date_len = 0
 cdef time_t _date_second = 0
@@ -37,7 +38,7 @@ cdef void clock_tick() noexcept:
     cdef tm t
     cdef time_t sec
     cdef size_t n
-    _now = monotonic_now()
+    _now = monotonic_now() + _clock_offset
     clock_gettime(CLOCK_REALTIME, &ts)
     sec = ts.tv_sec
     if sec != _date_second:
@@ -61,8 +62,8 @@ cdef void _hex_into(char* out, uint64_t value, int digits) noexcept:
         value >>= 4
 
 
-cdef void clock_init():
-    global _reqid_counter
+cdef clock_init():
+    global _reqid_counter, _clock_offset
     cdef bytes seed = os.urandom(8)
     cdef uint64_t r = 0
     cdef int i
@@ -81,6 +82,18 @@ cdef void clock_init():
     _reqid[27] = b'-'
     _hex_into(_reqid + 28, 0, 12)
     _reqid_counter = 0
+    _clock_offset = 0.0
+    clock_tick()
+
+
+def clock_skew(double seconds):
+    """Move this process's coarse clock ``seconds`` forward (reset by each new Worker).
+
+    For tests: connection deadlines are then swept by the real tick (``Worker.tick``)
+    instead of by sleeping through the timeouts.
+    """
+    global _clock_offset
+    _clock_offset += seconds
     clock_tick()
 
 

@@ -12,6 +12,9 @@
 class _Stop(Exception):
     pass
 
+cdef enum:
+    REQUEST_LINE_FRAMING = 15       # len("GET " + " HTTP/1.1\r\n"): the shortest method
+
 cdef bytes _CRLF = b"\r\n"
 
 
@@ -77,7 +80,10 @@ cdef class HttpProtocol:
         self.err_status = 0
         self.err_message = None
         self.closing = False
-        self.stall_bytes = 0
+        self.eof = False
+        self.pending = 0
+        self.fail_status = 0
+        self.fail_message = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport):
@@ -109,15 +115,25 @@ cdef class HttpProtocol:
         self._resume(PAUSE_WRITE)
 
     def eof_received(self):
-        # A half-closed client still gets the answers to what it sent.
-        return self.busy or (self.queue is not None and len(self.queue) > 0)
+        # asyncio: returning True keeps the transport open.  A half-closed client still
+        # gets the answers to what it sent; the connection closes after the last of them.
+        if self.busy:
+            self.eof = True
+            return True
+        return False
 
     def data_received(self, data):
-        if self.state == S_CLOSED:
-            return
+        cdef Py_ssize_t tail
+        if self.state == S_CLOSED or self.state == S_FAILED:
+            return       # the parser is done with; what was received is answered, not read
+        self.reported = False
+        self.body_in_feed = False
+        self.url_in_feed = 0
         try:
             self.parser.feed_data(data)
         except HttpParserCallbackError as exc:
+            if self.state == S_CLOSED:
+                return
             if self.err_status > 0:
                 self._fail_connection(self.err_status, self.err_message)
             elif self.err_status == 0:
@@ -125,52 +141,78 @@ cdef class HttpProtocol:
                 self._fail_connection(500, "An unexpected error occurred while handling the request.")
             return
         except HttpParserUpgrade:
-            # No protocol switching here: the request was answered; end the connection.
+            # No protocol switching here: the request was answered (with Connection: close,
+            # see on_headers_complete); end the connection.
             self.closing = True
             if not self.busy:
                 self._close()
             return
         except HttpParserError as exc:
-            self._fail_connection(400, f"Malformed request: {exc}")
+            # llhttp also refuses data after a "Connection: close" request: already closed.
+            if self.state != S_CLOSED:
+                self._fail_connection(400, f"Malformed request: {exc}")
             return
-        if self.state == S_HEADERS:
-            # Bytes httptools holds for a header not yet reported (see on_header): bounded.
-            if self.stall_bytes < 0:
-                self.stall_bytes = 0
-            else:
-                self.stall_bytes += len(data)
-            if self.req is not None and self.req.header_bytes + self.stall_bytes > _max_header_size:
-                self._fail_connection(431, "Request header fields too large.")
+        if self.state != S_HEADERS and self.state != S_BODY:
+            return
+        # Bytes httptools holds without having reported them (a header line in progress,
+        # a chunk extension, a trailer): it has no limit of its own, so bound them here.
+        # Without a callback in this read, every byte of it is such a byte; otherwise the
+        # bytes after the last LF are (a lower bound: the line in progress), unless a body
+        # ended in this read -- then the next read counts.
+        if not self.reported:
+            self.pending += len(data)
+        elif self.state == S_HEADERS and not self.body_in_feed:
+            tail = _tail_after_lf(data) - self.url_in_feed
+            if tail > 0:
+                self.pending = tail
+        if self.pending + (self.req.header_bytes if self.state == S_HEADERS else 0) \
+                > _max_header_size:
+            self._fail_connection(431, "Request header fields too large.")
 
     # -- httptools callbacks --------------------------------------------------------------
+    # Each callback marks ``reported``/resets ``pending`` (see data_received).
+
     def on_message_begin(self):
-        if self.state == S_CLOSED or self.closing:
+        if self.closing or self.state == S_CLOSED:
             self.err_status = -1
             raise _Stop()
         self.req = Request.__new__(Request)
+        # The request line less its target (which on_url counts): "GET " + " HTTP/1.1\r\n".
+        self.req.header_bytes = REQUEST_LINE_FRAMING
         self.state = S_HEADERS
-        self.stall_bytes = -1
+        self.reported = True
+        self.pending = 0
         self.deadline = _now + _header_timeout
 
     def on_url(self, bytes url):
+        # Called once per fragment of the target (a split read gives several, some empty).
         cdef Request req = self.req
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(url)
+        if n == 0:
+            return
         if req.url is None:
             req.url = url
         else:
             req.url += url
-        req.header_bytes += PyBytes_GET_SIZE(url) + 12
-        self.stall_bytes = -1
+        req.header_bytes += n
+        self.url_in_feed += n
+        self.reported = True
+        self.pending = 0
         if req.header_bytes > _max_header_size:
             self._abort(431, "Request header fields too large.")
 
     def on_header(self, bytes name, bytes value):
         cdef Request req = self.req
         cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
-        req.header_bytes += n + PyBytes_GET_SIZE(value) + 4
+        # name ":" value CRLF (optional whitespace around the value is not counted)
+        req.header_bytes += n + PyBytes_GET_SIZE(value) + 3
         req.header_count += 1
-        self.stall_bytes = -1
+        self.reported = True
+        self.pending = 0
         if req.header_bytes > _max_header_size or req.header_count > _max_headers:
             self._abort(431, "Request header fields too large.")
+        if self.state != S_HEADERS:
+            return       # a trailer (after a chunked body): counted, never interpreted
         if n == 4:
             if _ieq(name, b"host", 4):
                 req.host = value
@@ -191,6 +233,12 @@ cdef class HttpProtocol:
                     req.content_length = int(value)
                 except ValueError:
                     req.content_length = -1   # llhttp rejects it itself
+        elif n == 10:
+            if _ieq(name, b"connection", 10):
+                req.has_connection = True
+        elif n == 7:
+            if _ieq(name, b"upgrade", 7):
+                req.upgrade = True
         elif n == 6:
             if _ieq(name, b"expect", 6):
                 if value.lower() == b"100-continue":
@@ -200,10 +248,21 @@ cdef class HttpProtocol:
 
     def on_headers_complete(self):
         cdef Request req = self.req
+        # PERF: get_method() allocates a bytes per request (httptools has no cheaper API);
+        # the HTTP version is asked only when it matters (a kept HTTP/1.0 connection must be
+        # announced, and HTTP/1.0 keeps a connection only when its Connection header says so).
         req.method_name = self.parser.get_method()
         req.method = method_code(req.method_name)
         req.keep_alive = self.parser.should_keep_alive()
-        req.http10 = self.parser.get_http_version() == "1.0"
+        if req.keep_alive and req.has_connection:
+            req.http10 = self.parser.get_http_version() == "1.0"
+        if req.upgrade or req.method == M_OTHER:
+            # llhttp treats "Upgrade" (with Connection: upgrade) and CONNECT as a switch of
+            # protocols and stops parsing after this request: answer it, then close.
+            if self.parser.should_upgrade():
+                req.keep_alive = False
+        self.reported = True
+        self.pending = 0
         if req.content_length > _max_body_size:
             self._abort(413, f"Request body too large: the limit is {_max_body_size} bytes.")
         if req.expect_continue and self.transport is not None:
@@ -217,6 +276,9 @@ cdef class HttpProtocol:
             req._body = bytearray(body)
         else:
             req._body += body
+        self.reported = True
+        self.body_in_feed = True
+        self.pending = 0
         if len(req._body) > _max_body_size:
             self._abort(413, f"Request body too large: the limit is {_max_body_size} bytes.")
         self.deadline = _now + _body_timeout
@@ -230,7 +292,10 @@ cdef class HttpProtocol:
         self.req = None
         self.state = S_IDLE
         self.deadline = 0
-        if self.busy or (self.queue is not None and len(self.queue) > 0):
+        self.reported = True
+        self.pending = 0
+        if self.busy:
+            # An asynchronous response is in progress: wait in line, stop reading more.
             if self.queue is None:
                 self.queue = collections.deque()
             self.queue.append(req)
@@ -251,14 +316,11 @@ cdef class HttpProtocol:
             return
         s = PyBytes_AS_STRING(url)
         n = PyBytes_GET_SIZE(url)
-        if n > 0 and s[0] != b'/':
-            # absolute-form (RFC 9112 3.2.2): drop scheme and authority
-            i = url.find(b"://")
-            if i < 0:
+        if s[0] != b'/':
+            url = _origin_form(req, url)
+            if url is None:
                 self._respond_error(req, 400, "Malformed request: bad request target.")
                 return
-            i = url.find(b"/", i + 3)
-            url = b"/" if i < 0 else url[i:]
             s = PyBytes_AS_STRING(url)
             n = PyBytes_GET_SIZE(url)
         i = 0
@@ -305,8 +367,7 @@ cdef class HttpProtocol:
         try:
             result = route.handler(req)
         except HTTPFault as fault:
-            self._respond_error(req, fault.status, fault.message,
-                                b"".join(k + b": " + v + _CRLF for k, v in fault.headers) or None)
+            self._respond_fault(req, fault)
             return
         except Exception:
             log.exception("handler of %s failed", route.name)
@@ -316,15 +377,48 @@ cdef class HttpProtocol:
             self._respond_result(req, result)
             return
         # An awaitable: the connection is busy until it resolves.
+        try:
+            task = _loop.create_task(result)
+        except Exception:
+            log.exception("handler of %s returned neither a tuple nor an awaitable: %r",
+                          route.name, result)
+            self._respond_error(req, 500, "An unexpected error occurred while handling the request.")
+            return
         self.busy = True
-        task = _loop.create_task(result)
         task.add_done_callback(_AsyncDone(self, req))
 
-    cdef _respond_result(self, Request req, tuple result):
-        cdef Py_ssize_t n = len(result)
+    cdef _respond_result(self, Request req, object result):
+        """Send a handler's (status, body[, extra headers[, content-type line]])."""
+        cdef Py_ssize_t n = len(result) if type(result) is tuple else 0
+        status = result[0] if n >= 2 else None
+        body = result[1] if n >= 2 else None
         extra = result[2] if n > 2 else None
         ctype = result[3] if n > 3 else _H_JSON
-        self._send(req, result[0], ctype, result[1], extra)
+        # A malformed result is a handler bug: a logged 500, never a crash of the connection.
+        if n < 2 or n > 4 or type(status) is not int or not (100 <= status <= 599) \
+                or type(body) is not bytes or (extra is not None and type(extra) is not bytes) \
+                or type(ctype) is not bytes:
+            log.error("handler of %s returned an invalid result: %.200r",
+                      req.route.name if req.route is not None else "?", result)
+            self._respond_error(req, 500, "An unexpected error occurred while handling the request.")
+            return
+        self._send(req, <int>status, <bytes>ctype, <bytes>body, <bytes>extra)
+
+    cdef _respond_fault(self, Request req, object fault):
+        """An HTTPFault raised by a handler: Nova's fault body, with the fault's headers."""
+        cdef bytes extra = None
+        status = fault.status
+        try:
+            if fault.headers:
+                extra = b"".join(<bytes>k + b": " + <bytes>v + _CRLF for k, v in fault.headers)
+            if type(status) is not int or not (400 <= status <= 599):
+                raise TypeError(f"bad status {status!r}")
+            message = str(fault.message)
+        except Exception:
+            log.exception("invalid HTTPFault from %s", req.route.name if req.route else "?")
+            self._respond_error(req, 500, "An unexpected error occurred while handling the request.")
+            return
+        self._respond_error(req, status, message, extra)
 
     def _async_done(self, Request req, task):
         cdef Request nxt
@@ -334,7 +428,7 @@ cdef class HttpProtocol:
         try:
             result = task.result()
         except HTTPFault as fault:
-            self._respond_error(req, fault.status, fault.message)
+            self._respond_fault(req, fault)
         except BaseException:
             log.exception("asynchronous handler of %s failed", req.route.name if req.route else "?")
             self._respond_error(req, 500, "An unexpected error occurred while handling the request.")
@@ -348,15 +442,19 @@ cdef class HttpProtocol:
             self._dispatch(nxt)
             if not self.busy:
                 self._after_response(nxt)
-        if not self.busy and self.state != S_CLOSED:
+        if self.busy or self.state == S_CLOSED:
+            return
+        if self.state == S_FAILED:
+            self._fail_connection(self.fail_status, self.fail_message)
+        else:
             self._resume(PAUSE_QUEUE)
 
     # -- responses ------------------------------------------------------------------------
     cdef _send(self, Request req, int status, bytes content_type, bytes body, bytes extra):
-        cdef bint close = self.closing or not req.keep_alive
+        cdef bint close = self.closing or not req.keep_alive or self.state == S_FAILED
         cdef bint head = req.method == M_HEAD
         cdef bytes data
-        if self.transport is None:
+        if self.transport is None or self.state == S_CLOSED:
             return
         data = render_response(status, content_type, body, req.version, extra, close,
                                req.http10 and not close, head, True)
@@ -373,9 +471,10 @@ cdef class HttpProtocol:
         self._send(req, status, _H_JSON, error_body(status, message), extra)
 
     cdef _after_response(self, Request req):
-        if self.state == S_CLOSED:
+        if self.state == S_CLOSED or self.state == S_FAILED:
             return
-        if self.closing or not req.keep_alive:
+        if self.closing or not req.keep_alive \
+                or (self.eof and not self.busy and (self.queue is None or len(self.queue) == 0)):
             self._close()
             return
         if self.state == S_IDLE:
@@ -388,9 +487,19 @@ cdef class HttpProtocol:
         raise _Stop()
 
     cdef _fail_connection(self, int status, str message):
-        """A protocol-level error: answer (if the connection is not busy) and close."""
+        """A protocol-level error: answer it and close.  Behind an asynchronous response the
+        answer waits its turn (requests before it are answered first, in order)."""
         cdef Request req
-        if self.transport is not None and not self.busy:
+        if self.state == S_CLOSED:
+            return
+        if self.busy:
+            self.state = S_FAILED
+            self.fail_status = status
+            self.fail_message = message
+            self.deadline = 0
+            self._pause(PAUSE_QUEUE)
+            return
+        if self.transport is not None:
             req = Request.__new__(Request)
             req.keep_alive = False
             req.method = M_OTHER
@@ -398,6 +507,8 @@ cdef class HttpProtocol:
         self._close()
 
     def timed_out(self):
+        if self.busy:
+            return                      # our turn, not the client's: no timeout runs
         if self.state == S_IDLE:
             self._close()               # idle keep-alive connection: just close
         else:
@@ -421,12 +532,44 @@ cdef class HttpProtocol:
                 self.transport.resume_reading()
 
     cdef _close(self):
-        if self.state == S_CLOSED and self.transport is None:
+        if self.state == S_CLOSED:
             return
         self.state = S_CLOSED
         self.deadline = 0
         if self.transport is not None:
             self.transport.close()
+
+
+cdef Py_ssize_t _tail_after_lf(object data):
+    """Bytes after the last LF of ``data`` (all of it when there is none)."""
+    cdef bytes b = data if type(data) is bytes else bytes(data)
+    cdef const char* s = PyBytes_AS_STRING(b)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    cdef Py_ssize_t i = n
+    while i > 0 and s[i - 1] != b'\n':
+        i -= 1
+    return n - i
+
+
+cdef bytes _origin_form(Request req, bytes url):
+    """Path and query of an absolute-form target (RFC 9112 3.2.2); its authority replaces
+    the Host header.  None for anything else (asterisk-form: no OPTIONS * here)."""
+    cdef Py_ssize_t i = url.find(b"://")
+    cdef Py_ssize_t j, k
+    if i <= 0:
+        return None
+    i += 3
+    j = url.find(b"/", i)
+    k = url.find(b"?", i)
+    if j < 0 or (0 <= k < j):
+        j = k
+    authority = url[i:] if j < 0 else url[i:j]
+    if not authority or b"@" in authority:
+        return None
+    req.host = authority
+    if j < 0:
+        return b"/"
+    return url[j:] if url[j] == 0x2F else b"/" + url[j:]
 
 
 @cython.final
