@@ -111,7 +111,7 @@ cdef class HttpProtocol:
     cdef Py_ssize_t pending          # bytes received that no callback has reported yet
     cdef Py_ssize_t url_in_feed      # target bytes reported during the current feed
     cdef bint reported               # a callback ran during the current feed
-    cdef bint body_in_feed           # on_body ran during the current feed
+    cdef Py_ssize_t body_in_feed     # body bytes reported during the current feed
 
     cdef _message_complete(self)
     cdef _dispatch(self, Request req)

@@ -315,6 +315,7 @@ def _big(req: Any) -> tuple[int, bytes]:
 TEST_ROUTES = [
     RouteSpec("GET", "/v2.1/things", _echo),
     RouteSpec("POST", "/v2.1/things", _created),
+    RouteSpec("POST", "/v2.1/echo", _echo),
     RouteSpec("GET", "/v2.1/things/detail", _echo),
     RouteSpec("GET", "/v2.1/things/{thing_id}", _echo),
     RouteSpec("DELETE", "/v2.1/things/{thing_id}", _echo),

@@ -314,6 +314,24 @@ def test_request_bodies(server: Server, data: bytes) -> None:
         assert second.json()["params"] == ["after"], how
 
 
+@pytest.mark.parametrize("te", ["content-length", "chunked"])
+def test_large_bodies_are_not_taken_for_headers(server: Server, te: str) -> None:
+    body = b"x" * 200_000  # no LF anywhere: a body read must never count as a header line
+    if te == "chunked":
+        data = request("/debug/echo", "Transfer-Encoding: chunked", method="POST")
+        data += chunked(body[:70_000], body[70_000:])
+    else:
+        data = request("/debug/echo", method="POST", body=body)
+    data += request("/public/next")
+    splits = [[data], [data[:100], data[100:]], [data[:50_000], data[50_000:]]]
+    splits.append([data[i : i + 4096] for i in range(0, len(data), 4096)])
+    splits.append([data[i : i + 65536] for i in range(0, len(data), 65536)])
+    for chunks in splits:
+        first, second = server.connect().send(*chunks).responses()
+        assert first.json() == {"length": 200_000}, len(chunks)
+        assert second.json()["params"] == ["next"], len(chunks)
+
+
 def test_empty_bodies(server: Server) -> None:
     conn = server.exchange(
         request("/debug/echo", method="POST"),
@@ -321,6 +339,19 @@ def test_empty_bodies(server: Server) -> None:
         request("/debug/echo", "Transfer-Encoding: chunked", method="POST") + chunked(),
     )
     assert [r.json() for r in conn.responses()] == [{"length": 0}] * 3
+
+
+def test_trailers_are_counted_but_never_taken_for_headers(make_server: Any) -> None:
+    head = request("/v2.1/echo", "X-Auth-Token: u:p", "Transfer-Encoding: chunked", method="POST")
+    body = chunked(b"abc").removesuffix(b"\r\n") + b"X-Auth-Token: admin:admin\r\n\r\n"
+    for how, conn in each_delivery(make_server(), head + body):
+        r = conn.one()
+        assert r.status == 200, how
+        assert (r.json()["user"], r.json()["is_admin"]) == ("u", False), how
+    server = make_server(http__max_header_size=1024)
+    body = chunked(b"abc").removesuffix(b"\r\n") + b"X-Trailer: " + b"t" * 2000 + b"\r\n\r\n"
+    assert_431(server.exchange(head + body))
+    assert_431(server.exchange(head, body[:-4]))  # a trailer that never ends
 
 
 def test_expect_100_continue_gets_an_interim_answer_then_the_answer(server: Server) -> None:

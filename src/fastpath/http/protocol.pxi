@@ -127,7 +127,7 @@ cdef class HttpProtocol:
         if self.state == S_CLOSED or self.state == S_FAILED:
             return       # the parser is done with; what was received is answered, not read
         self.reported = False
-        self.body_in_feed = False
+        self.body_in_feed = 0
         self.url_in_feed = 0
         try:
             self.parser.feed_data(data)
@@ -157,12 +157,12 @@ cdef class HttpProtocol:
         # Bytes httptools holds without having reported them (a header line in progress,
         # a chunk extension, a trailer): it has no limit of its own, so bound them here.
         # Without a callback in this read, every byte of it is such a byte; otherwise the
-        # bytes after the last LF are (a lower bound: the line in progress), unless a body
-        # ended in this read -- then the next read counts.
+        # line in progress is: the bytes after the last LF, less what callbacks reported
+        # during this read (target, body) -- a lower bound, never a false 431.
         if not self.reported:
             self.pending += len(data)
-        elif self.state == S_HEADERS and not self.body_in_feed:
-            tail = _tail_after_lf(data) - self.url_in_feed
+        else:
+            tail = _tail_after_lf(data) - self.url_in_feed - self.body_in_feed
             if tail > 0:
                 self.pending = tail
         if self.pending + (self.req.header_bytes if self.state == S_HEADERS else 0) \
@@ -277,7 +277,7 @@ cdef class HttpProtocol:
         else:
             req._body += body
         self.reported = True
-        self.body_in_feed = True
+        self.body_in_feed += PyBytes_GET_SIZE(body)
         self.pending = 0
         if len(req._body) > _max_body_size:
             self._abort(413, f"Request body too large: the limit is {_max_body_size} bytes.")
