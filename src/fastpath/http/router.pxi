@@ -141,7 +141,8 @@ cdef Route lookup(Request req):
     req.url_project = None
     if n == 0 or s[0] != b'/':
         return None
-    if n > 1 and s[n - 1] == b'/':
+    # One trailing slash is optional ("/v2.1/servers/"); an empty segment never matches.
+    if n > 1 and s[n - 1] == b'/' and s[n - 2] != b'/':
         n -= 1
     while i < n:
         j = i
