@@ -13,6 +13,7 @@ for _code in range(100, 600):
     except ValueError:
         _reason = "Unknown"
     _status_lines[_code] = f"HTTP/1.1 {_code} {_reason}\r\n".encode("ascii")
+del _code, _reason
 
 cdef bytes _H_JSON = b"Content-Type: application/json\r\n"
 cdef bytes _H_TEXT = b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
@@ -28,6 +29,7 @@ for _minor in range(1, MAX_VERSION + 1):
         f"X-OpenStack-Nova-API-Version: 2.{_minor}\r\n"
         "Vary: OpenStack-API-Version, X-OpenStack-Nova-API-Version\r\n"
     ).encode("ascii")
+del _minor
 
 # Large bodies go out with writelines() (one vectored write) instead of a copy.
 DEF COPY_LIMIT = 65536
