@@ -312,6 +312,13 @@ def _big(req: Any) -> tuple[int, bytes]:
     return 200, b'"' + b"x" * 100_000 + b'"'
 
 
+def _long_head(req: Any) -> tuple[int, bytes, bytes, bytes]:
+    """Header lines longer than any fixed reserve of the response buffer."""
+    n = int(req.query_string or "0")
+    return (200, b"{}", b"X-Extra: " + b"e" * n + b"\r\n",
+            b"Content-Type: text/x-" + b"t" * n + b"\r\n")
+
+
 TEST_ROUTES = [
     RouteSpec("GET", "/v2.1/things", _echo),
     RouteSpec("POST", "/v2.1/things", _created),
@@ -326,6 +333,7 @@ TEST_ROUTES = [
     RouteSpec("GET", "/v2.1/async-conflict", _async_conflict),
     RouteSpec("GET", "/v2.1/bad-result", _bad_result),
     RouteSpec("GET", "/v2.1/big", _big),
+    RouteSpec("GET", "/public/long/head", _long_head, auth=False, versioned=False),
     RouteSpec("GET", "/public/{name}", _echo, auth=False, versioned=False),
 ]
 

@@ -680,6 +680,17 @@ def test_large_responses_are_written_whole(server: Server) -> None:
     assert len(big.body) == 100_002 and small.status == 200
 
 
+def test_long_handler_headers_fit_the_response_buffer(server: Server) -> None:
+    # small first: the buffer is sized by the first answers, then must grow for these
+    sizes = [0, 10, 3000, 100, 20_000, 5000, 70_000]
+    conn = server.exchange(*[request(f"/public/long/head?{n}") for n in sizes])
+    responses = conn.responses()
+    for n, r in zip(sizes, responses, strict=True):
+        assert r.status == 200 and r.body == b"{}"
+        assert r["Content-Type"] == "text/x-" + "t" * n
+        assert r["X-Extra"] == "e" * n
+
+
 def test_graceful_shutdown_closes_idle_and_finishes_in_flight(server: Server) -> None:
     idle = server.exchange(request("/"))
     fresh = server.connect()

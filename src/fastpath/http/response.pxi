@@ -81,7 +81,10 @@ cdef bytes render_response(int status, bytes content_type, bytes body, int versi
     cdef bytes vh = <bytes>_version_headers[version] if version > 0 else None
     cdef Py_ssize_t blen = PyBytes_GET_SIZE(body)
     cdef bint inline_body = not head_only and blen <= COPY_LIMIT
-    cdef Py_ssize_t need = 512 + PyBytes_GET_SIZE(status_line) + (blen if inline_body else 0)
+    # 512: Date, Content-Length, request ids and Connection lines, well within it; every
+    # variable-length part (handlers choose content type and extra headers) is added.
+    cdef Py_ssize_t need = 512 + PyBytes_GET_SIZE(status_line) + PyBytes_GET_SIZE(content_type) \
+        + (blen if inline_body else 0)
     if vh is not None:
         need += PyBytes_GET_SIZE(vh)
     if extra is not None:
