@@ -34,6 +34,7 @@ import http.client
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -238,6 +239,10 @@ class Run:
     mean_us: float = 0.0
     max_us: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    server_cpu_s: float = 0.0  # user+system CPU of the server's processes during the run
+    server_cpu_us_per_request: float = 0.0
+    wrk_cpu_pct: float = 0.0  # wrk's user+system CPU / wall time (100 = one core)
+    loadavg_after: float = 0.0
     failed: str = ""
 
     @property
@@ -275,8 +280,50 @@ def wrk_argv(
     return argv
 
 
-def run_wrk(argv: list[str], duration: float, target: str, scenario: str, rnd: int) -> Run:
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and its descendants (from /proc; the servers fork their workers)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        parent[int(entry)] = int(fields[1])
+    out, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
+        out += frontier
+    return out
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of the live processes of a tree (clock-tick resolution)."""
+    ticks = 0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / _CLK_TCK
+
+
+def run_wrk(
+    argv: list[str], duration: float, target: str, scenario: str, rnd: int, server_pid: int = 0
+) -> Run:
     run = Run(target, scenario, rnd)
+    cpu0 = tree_cpu_seconds(server_pid) if server_pid else 0.0
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
     try:
         cp = subprocess.run(
             argv, capture_output=True, text=True, timeout=duration + 30, stdin=subprocess.DEVNULL
@@ -284,6 +331,13 @@ def run_wrk(argv: list[str], duration: float, target: str, scenario: str, rnd: i
     except subprocess.TimeoutExpired:
         run.failed = f"wrk did not finish within {duration + 30:.0f}s"
         return run
+    wall = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu1 = tree_cpu_seconds(server_pid) if server_pid else 0.0
+    run.server_cpu_s = cpu1 - cpu0
+    wrk_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    run.wrk_cpu_pct = 100.0 * wrk_cpu / wall if wall > 0 else 0.0
+    run.loadavg_after = os.getloadavg()[0]
     line = next((x for x in cp.stdout.splitlines() if x.startswith("FPBENCH ")), None)
     if cp.returncode != 0 or line is None:
         run.failed = f"wrk exited {cp.returncode}: {(cp.stderr or cp.stdout).strip()[-500:]}"
@@ -302,6 +356,8 @@ def run_wrk(argv: list[str], duration: float, target: str, scenario: str, rnd: i
     run.mean_us = float(kv["mean"])
     run.max_us = int(kv["max"])
     run.errors = {k: int(kv[k]) for k in ("connect", "read", "write", "status", "timeout")}
+    if run.requests:
+        run.server_cpu_us_per_request = run.server_cpu_s * 1e6 / run.requests
     return run
 
 
@@ -351,6 +407,8 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "p50_us_median": median([r.p50_us for r in good]),
         "p99_us_median": median([r.p99_us for r in good]),
         "bytes_per_response": median([r.bytes_per_response for r in good]),
+        "server_cpu_us_per_request_median": median([r.server_cpu_us_per_request for r in good]),
+        "wrk_cpu_pct_median": median([r.wrk_cpu_pct for r in good]),
         "errors": sum(sum(r.errors.values()) for r in runs),
         "failed_runs": sum(1 for r in runs if r.failed),
     }
@@ -359,7 +417,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
 def print_table(results: dict[str, Any], scenarios: list[Scenario], targets: list[str]) -> None:
     head = (
         f"{'scenario':<32} {'target':<9} {'req/s median':>13} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'B/resp':>7}  rounds (req/s)"
+        f"{'B/resp':>7} {'CPU us/req':>10} {'wrk CPU':>7}  rounds (req/s)"
     )
     print(head)
     print("-" * len(head))
@@ -374,10 +432,21 @@ def print_table(results: dict[str, Any], scenarios: list[Scenario], targets: lis
             print(
                 f"{sc.title:<32} {t:<9} {s['rps_median']:>13,.0f} "
                 f"{s['p50_us_median'] / 1000:>8.3f} {s['p99_us_median'] / 1000:>8.3f} "
-                f"{s['bytes_per_response']:>7.0f}  {rounds}{flag}"
+                f"{s['bytes_per_response']:>7.0f} {s['server_cpu_us_per_request_median']:>10.2f} "
+                f"{s['wrk_cpu_pct_median']:>6.0f}%  {rounds}{flag}"
             )
         if "ratio" in res:
-            print(f"{'':<32} {'ratio':<9} {res['ratio']:>12.2f}x  (fastpath / nginx, medians)")
+            print(
+                f"{'':<32} {'ratio':<9} {res['ratio']:>12.2f}x  fastpath/nginx req/s medians "
+                f"(per-round pairs: median {res['paired_ratio_median']:.2f}x, "
+                f"range {min(res['paired_ratios']):.2f}-{max(res['paired_ratios']):.2f}); "
+                f"CPU/req {res['cpu_ratio']:.2f}x"
+            )
+    print()
+    print(
+        "req/s and latency: wrk; CPU us/req: user+system CPU of the server's processes "
+        "(/proc) per request; wrk CPU: the load generator's CPU (100% = one core saturated)."
+    )
     print()
 
 
@@ -550,6 +619,7 @@ def _bench(
                 )
 
     ports = {"fastpath": fp_port, "nginx": ng_port}
+    pids = {"fastpath": fp.pid, "nginx": ng.pid if ng is not None else 0}
     script = os.path.join(tmp, "report.lua")
     with open(script, "w") as f:
         f.write(WRK_LUA)
@@ -600,12 +670,15 @@ def _bench(
                     t,
                     sc.name,
                     rnd,
+                    pids[t],
                 )
                 runs.append(run)
                 err = "" if run.ok else f"  !! {run.failed or run.errors}"
                 print(
                     f"  round {rnd}  {sc.title:<32} {t:<9} {run.rps:>10,.0f} req/s  "
-                    f"p50 {run.p50_us / 1000:.3f} ms  p99 {run.p99_us / 1000:.3f} ms{err}",
+                    f"p50 {run.p50_us / 1000:.3f} ms  p99 {run.p99_us / 1000:.3f} ms  "
+                    f"CPU {run.server_cpu_us_per_request:.2f} us/req  wrk {run.wrk_cpu_pct:.0f}%  "
+                    f"load {run.loadavg_after:.1f}{err}",
                     flush=True,
                 )
 
@@ -616,6 +689,23 @@ def _bench(
             res[t] = summarize([r for r in runs if r.scenario == sc.name and r.target == t])
         if "fastpath" in res and "nginx" in res and res["nginx"]["rps_median"]:
             res["ratio"] = res["fastpath"]["rps_median"] / res["nginx"]["rps_median"]
+            # Each fastpath run beside the nginx run that followed it: robust to slow drift.
+            by_round = {
+                (r.round, r.target): r for r in runs if r.scenario == sc.name and not r.failed
+            }
+            pairs = [
+                by_round[(n, "fastpath")].rps / by_round[(n, "nginx")].rps
+                for n in range(1, args.rounds + 1)
+                if (n, "fastpath") in by_round
+                and (n, "nginx") in by_round
+                and by_round[(n, "nginx")].rps
+            ]
+            res["paired_ratios"] = [round(x, 3) for x in pairs]
+            res["paired_ratio_median"] = median(pairs)
+            ng_cpu = res["nginx"]["server_cpu_us_per_request_median"]
+            res["cpu_ratio"] = (
+                res["fastpath"]["server_cpu_us_per_request_median"] / ng_cpu if ng_cpu else 0.0
+            )
         results[sc.name] = res
     print()
     print_table(results, scenarios, targets)
