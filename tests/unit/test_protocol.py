@@ -771,6 +771,23 @@ def test_async_handler_exception_is_a_logged_500(
     assert any("async handler bug" in rec.exc_text for rec in caplog.records if rec.exc_text)
 
 
+def test_async_failure_after_the_client_left_is_logged_once(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    import gc
+
+    with caplog.at_level(logging.ERROR):
+        conn = server.exchange(request("/v2.1/async-boom", "X-Auth-Token: a:b"))
+        conn.proto.connection_lost(ConnectionResetError())
+        server.settle()
+        gc.collect()
+        server.settle()
+    messages = [rec.getMessage() for rec in caplog.records]
+    assert not any("never retrieved" in m for m in messages), messages
+    assert sum("async-boom" in m for m in messages) == 1, messages
+    assert conn.transport.out == b""
+
+
 def test_handler_returning_a_bad_result_is_a_500(server: Server, caplog: Any) -> None:
     with caplog.at_level(logging.ERROR, logger="fastpath.http"):
         conn = server.exchange(request("/v2.1/bad-result", "X-Auth-Token: a:b") + request("/"))

@@ -423,17 +423,22 @@ cdef class HttpProtocol:
     def _async_done(self, Request req, task):
         cdef Request nxt
         self.busy = False
-        if self.state == S_CLOSED:
-            return
         try:
+            # Retrieved even when the client is gone: a task whose exception is never
+            # retrieved is reported by asyncio as an error of its own.
             result = task.result()
         except HTTPFault as fault:
-            self._respond_fault(req, fault)
+            if self.state != S_CLOSED:
+                self._respond_fault(req, fault)
         except BaseException:
             log.exception("asynchronous handler of %s failed", req.route.name if req.route else "?")
-            self._respond_error(req, 500, "An unexpected error occurred while handling the request.")
+            if self.state != S_CLOSED:
+                self._respond_error(req, 500, "An unexpected error occurred while handling the request.")
         else:
-            self._respond_result(req, result)
+            if self.state != S_CLOSED:
+                self._respond_result(req, result)
+        if self.state == S_CLOSED:
+            return
         self._after_response(req)
         # Answer the requests that queued up behind it, in order.
         while self.queue is not None and len(self.queue) > 0 and not self.busy \
