@@ -67,6 +67,8 @@ HEARTBEAT_STALE = 3.0
 # Loop wake-ups: often while something is booting (readiness is polled), rarely otherwise.
 TICK_BUSY = 0.02
 TICK_IDLE = 0.5
+# A fork that failed (or found no free slot) is tried again after this many seconds.
+SPAWN_RETRY = 0.5
 # A master starting while `fastpath status` briefly holds the shared lock retries this long.
 LOCK_RETRY = 0.5
 
@@ -184,10 +186,12 @@ class Master:
         cannot start (data dir locked, address in use, ...)."""
         setup_logging(self.settings["log.level"])
         try:
-            self._start()
-            return self._loop()
-        except MasterError:
+            self._start()  # its errors (MasterError, CoreBuildError) reach the CLI as they are
+        except BaseException:
+            self._cleanup()
             raise
+        try:
+            return self._loop()
         except BaseException:
             # A bug in the master must not leave workers behind.
             log.critical("master failed:\n%s", traceback.format_exc().rstrip())
@@ -323,13 +327,6 @@ class Master:
     # -- the loop -------------------------------------------------------------------------
     def _loop(self) -> int:
         while True:
-            now = time.monotonic()
-            if not self.stopping:
-                self._top_up(now)
-            try:
-                select.select([self._wake_r], [], [], self._timeout(time.monotonic()))
-            except InterruptedError:
-                pass
             try:
                 while os.read(self._wake_r, 512):
                     pass
@@ -344,11 +341,16 @@ class Master:
                 self._step_reload(now)
             self._check_workers(now)
             if not self.stopping:
+                self._top_up(now)
                 self._announce()
             self._watchdog(now)
             if self.stopping and not self.procs:
                 log.info("master %d exiting with code %d", self.pid, self.exit_code)
                 return self.exit_code
+            try:
+                select.select([self._wake_r], [], [], self._timeout(time.monotonic()))
+            except InterruptedError:
+                pass
 
     def _timeout(self, now: float) -> float:
         timeout = TICK_IDLE
@@ -442,6 +444,8 @@ class Master:
             proc = self._spawn(i, ix.settings, ix.generation)
             if proc is not None:
                 ix.pid = proc.pid
+            else:
+                ix.respawn_at = now + SPAWN_RETRY
 
     # -- reaping and health ---------------------------------------------------------------
     def _reap(self) -> None:
@@ -570,8 +574,11 @@ class Master:
         self.announced = True
         n = len(self.indexes)
         plural = "s" if n != 1 else ""
-        print(f"fastpath: listening on {self.url} ({n} worker{plural}, master pid {self.pid})")
-        print(f"try: curl -s {self.url}/v2.1/ -H 'X-Auth-Token: admin:admin'", flush=True)
+        try:
+            print(f"fastpath: listening on {self.url} ({n} worker{plural}, master pid {self.pid})")
+            print(f"try: curl -s {self.url}/v2.1/ -H 'X-Auth-Token: admin:admin'", flush=True)
+        except OSError:  # stdout closed (daemonised by hand): the log line below suffices
+            pass
         log.info("ready: %s", self._serving_text())
         self._status_text = self._serving_text()
         self.notifier.ready(self._status_text)
@@ -789,7 +796,9 @@ class Master:
         )
         self._status_text = f"{self._serving_text()}; last reload failed: {why}"
         self.notifier.ready(self._status_text)
-        self.reload_again = False
+        if self.reload_again:  # a SIGHUP that came meanwhile may bring a fixed config
+            self.reload_again = False
+            self._begin_reload()
 
     # -- cleanup --------------------------------------------------------------------------
     def _cleanup(self) -> None:

@@ -142,7 +142,7 @@ def _table(rows: list[dict[str, Any]], out: TextIO) -> None:
                 r["role"],
                 str(r["pid"]),
                 r["started"] or "-",
-                str(r["restarts"]) if r["role"] != "master" else f"({r['worker_restarts'] or 0})",
+                str(r["restarts"]),
                 "-" if r.get("generation") is None else str(r["generation"]),
                 "-" if r.get("index") is None else str(r["index"]),
                 "-" if ready is None else ("yes" if ready else "no"),
@@ -164,7 +164,9 @@ def status_main(data_dir: str, as_json: bool = False, out: TextIO | None = None)
         out.write("\n")
     elif rows:
         _table(rows, out)
-        out.write("(master RESTARTS: worker respawns in total)\n")
+        respawns = rows[0].get("worker_restarts")
+        if respawns:
+            out.write(f"worker respawns since the master started: {respawns}\n")
     else:
         print(f"no fastpath running for {data_dir}", file=out)
     return EXIT_OK if rows else EXIT_NOT_RUNNING

@@ -30,6 +30,8 @@ from fastpath.settings import Settings
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_BOOT_ERROR = 3
+# Seconds between closing the listener and closing idle connections on SIGTERM.
+SETTLE_BEFORE_DRAIN = 0.1
 
 log = logging.getLogger("fastpath.worker")
 
@@ -77,14 +79,20 @@ def _serve(settings: Settings, sock: socket.socket, shm: SharedState, slot: int,
         log.exception("worker in slot %d could not start", slot)
         return EXIT_BOOT_ERROR
 
-    stopping = {"quick": False}
+    stopping = {"quick": False, "graceful": False}
 
     def graceful() -> None:
-        if worker.stopping:
+        if worker.stopping or stopping["graceful"]:
             return
+        stopping["graceful"] = True
         log.debug("worker %d: graceful stop", os.getpid())
-        server.close()
-        worker.begin_shutdown(settings["master.graceful_timeout"], loop.stop)
+        server.close()  # our descriptor only: the master keeps the socket and its queue
+        # A connection accepted just before the close may not have delivered its first
+        # request yet and would look idle (idle connections are closed at once): let such
+        # requests arrive before the drain starts.  Keep-alive clients are served meanwhile.
+        grace = settings["master.graceful_timeout"]
+        settle = min(SETTLE_BEFORE_DRAIN, grace / 2)
+        loop.call_later(settle, worker.begin_shutdown, grace - settle, loop.stop)
 
     def quick() -> None:
         stopping["quick"] = True

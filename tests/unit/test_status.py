@@ -1,0 +1,153 @@
+"""``fastpath status`` on hand-made run files: a held lock, a stale pid file, no data dir.
+
+The "master" here is this test process: it takes the lock as the master does and writes
+a shared-memory file with two worker slots (no processes are started).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fastpath.master import status
+from fastpath.master.shm import ROLE_WORKER, SharedState
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    (tmp_path / "run").mkdir()
+    return tmp_path
+
+
+def write_pid_file(data_dir: Path, pid: int) -> Path:
+    path = data_dir / "run" / "master.pid"
+    path.write_text(f"{pid}\n")
+    return path
+
+
+@pytest.fixture
+def locked(data_dir: Path) -> Iterator[int]:
+    """The pid file holds this process's pid and is locked as a running master's is."""
+    path = write_pid_file(data_dir, os.getpid())
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield fd
+    os.close(fd)
+
+
+def make_shm(data_dir: Path, master_pid: int) -> SharedState:
+    shm = SharedState.create_file(str(data_dir / "run" / "fastpath.shm"), nslots=6)
+    shm.set_master_pid(master_pid)
+    shm.master_started = time.time() - 60
+    shm.generation = 3
+    shm.worker_restarts = 2
+    shm.claim(0, ROLE_WORKER, generation=3, worker_index=0, restarts=2)
+    shm.set_pid(0, 1111)
+    shm.claim(4, ROLE_WORKER, generation=3, worker_index=1, restarts=0)
+    shm.set_pid(4, 2222)
+    shm.buf[shm.slot_offset(4) + 40 : shm.slot_offset(4) + 48] = (1).to_bytes(8, "little")
+    shm.claim(2, ROLE_WORKER, generation=2, worker_index=1, restarts=0)  # being forked
+    return shm
+
+
+def run(data_dir: Path, as_json: bool) -> tuple[int, str]:
+    out = io.StringIO()
+    code = status.status_main(str(data_dir), as_json=as_json, out=out)
+    return code, out.getvalue()
+
+
+def test_lists_master_and_workers_as_json(data_dir: Path, locked: int) -> None:
+    make_shm(data_dir, os.getpid())
+    code, text = run(data_dir, as_json=True)
+    assert code == 0
+    rows = json.loads(text)
+    assert [(r["role"], r["pid"]) for r in rows] == [
+        ("master", os.getpid()),
+        ("worker", 1111),
+        ("worker", 2222),
+    ]
+    for r in rows:
+        assert {"role", "pid", "started", "restarts"} <= r.keys()
+    master, w0, w1 = rows
+    assert master["generation"] == 3 and master["worker_restarts"] == 2
+    assert master["restarts"] == 0
+    assert (w0["restarts"], w0["index"], w0["slot"], w0["ready"]) == (2, 0, 0, False)
+    assert (w1["restarts"], w1["index"], w1["slot"], w1["ready"]) == (0, 1, 4, True)
+    assert 0 <= w0["heartbeat_age"] < 60
+    assert w0["started"].endswith("+00:00")
+
+
+def test_table(data_dir: Path, locked: int) -> None:
+    make_shm(data_dir, os.getpid())
+    code, text = run(data_dir, as_json=False)
+    assert code == 0
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["ROLE", "PID", "STARTED", "RESTARTS"]
+    assert lines[1].split()[:2] == ["master", str(os.getpid())]
+    assert lines[2].split()[:2] == ["worker", "1111"]
+    assert lines[3].split()[:2] == ["worker", "2222"]
+
+
+def test_master_without_published_memory_is_listed_alone(data_dir: Path, locked: int) -> None:
+    code, text = run(data_dir, as_json=True)
+    assert code == 0
+    assert [r["role"] for r in json.loads(text)] == ["master"]
+
+
+def test_memory_of_a_previous_master_is_ignored(data_dir: Path, locked: int) -> None:
+    make_shm(data_dir, master_pid=os.getpid() + 1)
+    code, text = run(data_dir, as_json=True)
+    assert code == 0
+    assert [r["role"] for r in json.loads(text)] == ["master"]
+
+
+def test_unlocked_pid_file_is_stale(data_dir: Path) -> None:
+    # The pid is alive (it is ours) but nobody holds the lock: the master is gone.
+    write_pid_file(data_dir, os.getpid())
+    make_shm(data_dir, os.getpid())
+    code, text = run(data_dir, as_json=False)
+    assert code == 1
+    assert text.strip() == f"no fastpath running for {data_dir}"
+    code, text = run(data_dir, as_json=True)
+    assert code == 1 and json.loads(text) == []
+
+
+def test_locked_pid_file_naming_a_dead_pid_is_stale(data_dir: Path, locked: int) -> None:
+    os.pwrite(locked, b"999999999\n", 0)  # beyond pid_max: certainly not running
+    code, text = run(data_dir, as_json=True)
+    assert code == 1 and json.loads(text) == []
+
+
+def test_empty_pid_file_is_not_running(data_dir: Path) -> None:
+    (data_dir / "run" / "master.pid").write_text("")
+    assert run(data_dir, as_json=True) == (1, "[]\n")
+
+
+def test_missing_data_dir(tmp_path: Path) -> None:
+    code, text = run(tmp_path / "nowhere", as_json=False)
+    assert code == 1
+    assert "no fastpath running for" in text
+
+
+def test_shared_memory_file_round_trip(data_dir: Path) -> None:
+    shm = make_shm(data_dir, 77)
+    reader = SharedState.open_file(str(data_dir / "run" / "fastpath.shm"))
+    assert reader.nslots == shm.nslots and reader.master_pid == 77
+    assert [reader.pid(s) for s in range(6)] == [1111, 0, -1, 0, 2222, 0]
+    assert reader.worker_index(4) == 1 and reader.slot_generation(0) == 3
+    # The writer's updates are visible through the reader's mapping at once.
+    shm.set_pid(0, 3333)
+    assert reader.pid(0) == 3333
+    reader.buf.close()
+    shm.buf.close()
+    other = data_dir / "other.shm"
+    other.write_bytes(b"not a fastpath file" * 10)
+    with pytest.raises(ValueError, match="bad magic"):
+        SharedState.open_file(str(other))
