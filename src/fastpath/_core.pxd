@@ -8,6 +8,13 @@
 from libc.stdint cimport uint64_t, int64_t
 
 
+# Nova's microversion range: 2.MV_MIN .. 2.MV_MAX (nova/api/openstack/api_version_request.py).
+cdef enum:
+    MV_MIN = 1
+    MV_MAX = 104
+    N_METHODS = 8        # Method values are 0 .. N_METHODS - 1
+
+
 cdef enum Method:
     M_OTHER = 0
     M_GET = 1
@@ -52,10 +59,14 @@ cdef class Route:
 
 
 cdef class RouteNode:
-    cdef dict children               # literal segment (bytes) -> RouteNode
+    cdef dict children               # literal segment (bytes) -> RouteNode (built at start)
     cdef RouteNode capture           # "{name}" child, or None
-    cdef dict methods                # Method -> Route
-    cdef bytes allow                 # Allow header value for 405
+    cdef dict methods                # Method -> Route (built at start)
+    # What lookup() reads, compiled from the above by _finish():
+    cdef tuple lit_keys              # literal segments (bytes), compared with memcmp
+    cdef tuple lit_nodes             # the RouteNode of each literal segment
+    cdef tuple by_method             # Route (or None) indexed by Method
+    cdef bytes allow_line            # "Allow: GET, HEAD\r\n" for a 405
     cdef bint project_scope          # an unknown segment here may be a legacy project id
     cdef bint auth_below             # paths below this node need a token even if unmatched
 

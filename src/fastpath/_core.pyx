@@ -17,7 +17,8 @@ attribute lookup.  The pieces, by concern:
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from libc.stdint cimport uint64_t, int64_t, uint8_t
-from libc.string cimport memcpy, memcmp
+from libc.string cimport memcpy, memcmp, memchr
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdlib cimport malloc, realloc, free
 
 import asyncio
@@ -38,9 +39,9 @@ SOURCE_HASH = FASTPATH_SOURCE_HASH.decode("ascii")
 
 log = logging.getLogger("fastpath.http")
 
-# Nova's microversion range.
-MAX_VERSION = 104
-MIN_VERSION = 1
+# Nova's microversion range (the C constants MV_MIN/MV_MAX of _core.pxd, for Python).
+MAX_VERSION = MV_MAX
+MIN_VERSION = MV_MIN
 
 include "http/clock.pxi"
 include "http/metrics.pxi"

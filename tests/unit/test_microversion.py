@@ -166,5 +166,9 @@ def test_pipelined_requests_negotiate_independently(server: Server) -> None:
     ]
 
 
-def test_core_constants(core: Any) -> None:
+def test_core_range_matches_the_version_documents(core: Any) -> None:
+    from fastpath.api import versions
+
     assert (core.MIN_VERSION, core.MAX_VERSION) == (1, 104)
+    assert versions.MIN_VERSION == f"2.{core.MIN_VERSION}"
+    assert versions.MAX_VERSION == f"2.{core.MAX_VERSION}"

@@ -5,7 +5,7 @@
 
 cdef object _plan = None
 cdef bytes _public_url = None         # b"https://compute.example.com" or None
-cdef dict _doc_cache = {}             # (kind, base url) -> body
+cdef list _doc_cache = None           # per document kind: Host header -> body
 cdef bytes _healthz_body = None
 DEF DOC_CACHE_MAX = 64
 
@@ -15,7 +15,7 @@ cdef handlers_init(plan):
     _plan = plan
     url = plan.settings["http.public_url"]
     _public_url = url.rstrip("/").encode("utf-8") if url else None
-    _doc_cache = {}
+    _doc_cache = [{} for _ in plan.version_docs]
     _healthz_body = json.dumps(
         {"status": "ok", "pid": os.getpid(), "core": "compiled", "source": SOURCE_HASH}
     ).encode("ascii")
@@ -33,14 +33,17 @@ cdef bytes base_url_for(Request req):
 
 
 cdef bytes _version_doc(Request req, int kind):
-    cdef bytes base = base_url_for(req)
-    key = (kind, base)
-    body = _doc_cache.get(key)
+    # PERF: keyed by the Host header as received (no tuple, no URL built on a hit).
+    cdef dict cache = <dict>_doc_cache[kind]
+    cdef bytes key = req.host if req.host is not None and _public_url is None else b""
+    body = cache.get(key)
     if body is None:
         render = _plan.version_docs[kind]
-        body = render(base.decode("utf-8", "replace"))
-        if len(_doc_cache) < DOC_CACHE_MAX:
-            _doc_cache[key] = body
+        body = render(base_url_for(req).decode("utf-8", "replace"))
+        if type(body) is not bytes:
+            raise TypeError(f"version document renderer {render!r} returned {type(body)}")
+        if len(cache) < DOC_CACHE_MAX:
+            cache[key] = body
     return <bytes>body
 
 

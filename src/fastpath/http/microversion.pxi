@@ -18,7 +18,7 @@ cdef inline bint _is_space(char c) noexcept:
 
 
 cdef int _parse_value(const char* s, Py_ssize_t n) noexcept:
-    """Minor number for 'X.Y' with X == 2, MAX_VERSION for 'latest', or MV_* codes.
+    """Minor number for 'X.Y' with X == 2, MV_MAX for 'latest', or MV_* codes.
 
     ``s[:n]`` is already stripped of surrounding whitespace.
     """
@@ -27,7 +27,7 @@ cdef int _parse_value(const char* s, Py_ssize_t n) noexcept:
     # Nova compares with 'latest' exactly (wsgi.py set_api_version_request): 'LATEST' is
     # a malformed version there, and here.
     if n == 6 and memcmp(s, b"latest", 6) == 0:
-        return MAX_VERSION
+        return MV_MAX
     # ^([1-9]\d*)\.([1-9]\d*|0)$  (APIVersionRequest's pattern)
     if i >= n or s[i] < b'1' or s[i] > b'9':
         return MV_MALFORMED
@@ -125,10 +125,10 @@ cdef int negotiate_version(Request req):
     elif req.mv_legacy is not None:
         _last_item(req.mv_legacy, &value, &length)
     else:
-        req.version = MIN_VERSION
+        req.version = MV_MIN
         return 0
     minor = _parse_value(value, length)
-    if MIN_VERSION <= minor <= MAX_VERSION:
+    if MV_MIN <= minor <= MV_MAX:
         req.version = minor
         return 0
     text = PyBytes_FromStringAndSize(value, length).decode("latin-1")
@@ -138,7 +138,7 @@ cdef int negotiate_version(Request req):
         )
         return 400
     _mv_error = (
-        f"Version {text} is not supported by the API. Minimum is 2.{MIN_VERSION} "
-        f"and maximum is 2.{MAX_VERSION}."
+        f"Version {text} is not supported by the API. Minimum is 2.{MV_MIN} "
+        f"and maximum is 2.{MV_MAX}."
     )
     return 406

@@ -22,8 +22,8 @@ cdef bytes _H_KEEP = b"Connection: keep-alive\r\n"
 cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # Index = microversion minor: the three headers Nova sends on every versioned response.
-cdef list _version_headers = [None] * (MAX_VERSION + 1)
-for _minor in range(1, MAX_VERSION + 1):
+cdef list _version_headers = [None] * (MV_MAX + 1)
+for _minor in range(MV_MIN, MV_MAX + 1):
     _version_headers[_minor] = (
         f"OpenStack-API-Version: compute 2.{_minor}\r\n"
         f"X-OpenStack-Nova-API-Version: 2.{_minor}\r\n"
@@ -135,3 +135,9 @@ cdef bytes error_body(int status, str message):
         b'{"' + fault_name(status).encode("ascii") + b'": {"code": '
         + str(status).encode("ascii") + b', "message": ' + json_escape_str(message) + b'}}'
     )
+
+
+# PERF: the router's own answers never change: rendered once.
+cdef bytes _BODY_401 = error_body(401, "The request you have made requires authentication.")
+cdef bytes _BODY_404 = error_body(404, "The resource could not be found.")
+cdef bytes _BODY_405 = error_body(405, "The method is not allowed for this resource.")
