@@ -15,7 +15,7 @@ database            key                                         value
 ``servers``         uuid16                                      server frame (below)
 ``by_project``      project NUL u64(INV(created_at)) ~uuid16    index entry (msgpack array)
 ``by_created``      u64(INV(created_at)) ~uuid16                index entry
-``by_changed``      u64(updated_at) uuid16                      index entry
+``by_changed``      u64(updated_at) uuid16                      1 byte: 0 live, 1 deleted
 ``views``           uuid16 view_id                              rendered JSON fragment (bytes)
 ``api_fields``      uuid16                                      msgpack map of API-owned fields
 ``tombstones``      uuid16                                      tombstone frame (below)
@@ -38,16 +38,22 @@ Orders this gives (a forward cursor walk):
   uuid (also desc) is the deterministic tie-break (research notes P14).  A backward walk is
   the exact reverse (``sort_dir=asc``).
 - ``by_changed``: ``updated_at`` asc, uuid asc (``changes-since``, ``changes-before``; a
-  backward walk serves ``sort_key=updated_at``).  Tombstoned servers stay in it, at their
-  ``deleted_at``, with ``deleted=True`` in the entry, until purged (Nova lists them as
-  DELETED, DESIGN.md rule 9).  ``updated_at`` keys cluster at "now", so the entries of a
-  batch land on the same few pages (issue 6: pages touched per change decide throughput).
+  backward walk serves ``sort_key=updated_at``).  Tombstoned servers are in it at their
+  ``deleted_at`` (value 1) until purged (Nova lists them as DELETED, DESIGN.md rule 9).
+  It is append-only: ``updated_at`` keys cluster at "now", so the entries of a batch land
+  on the same few pages, while deleting each server's previous entry would touch one random
+  old page per change (issue 6: pages touched per change decide throughput).  So an entry
+  is *current* only if the server's frame says the same time (``updated_at`` of the live
+  record, ``deleted_at`` of the tombstone); readers skip the others, and
+  ``Store.trim_changes`` deletes them in key order.  The value is one byte, so an entry
+  is ~33 bytes and a page holds ~120.
 - ``views``: the fragments of one server are adjacent (one page, one prefix walk).
 - ``keypairs``: per user, by name (Nova's keypair list and marker order).
 - ``flavors``: by flavor id as a string (Nova's default ``sort_key=flavorid``).
 
-``meta`` holds ``b"layout"`` -> u64(:data:`LAYOUT_VERSION`) and ``b"tombstone_horizon"``
--> u64(t): tombstones of servers deleted before ``t`` may have been purged, so an upsert of a
+``meta`` holds ``b"layout"`` -> u64(:data:`LAYOUT_VERSION`), ``b"trim_pos"`` -> the
+``by_changed`` key where the next trim continues, and ``b"tombstone_horizon"`` -> u64(t):
+tombstones of servers deleted before ``t`` may have been purged, so an upsert of a
 server the store does not know whose ``updated_at`` is older than ``t`` is refused as stale
 (research notes P4: "absence of a tombstone after GC must be guarded by a GC watermark").
 
@@ -66,7 +72,7 @@ Tombstone frame (value of ``tombstones``)::
 position in the index can still be computed.  The optional final record renders the
 DELETED entries of ``changes-since``.
 
-The index entry (value of ``by_project``, ``by_created``, ``by_changed``) is
+The index entry (value of ``by_project`` and ``by_created``) is
 :class:`fastpath.store.record.IndexEntry` packed as a msgpack array in field order.
 
 A server's ``uuid`` must be a canonical uuid (36 characters, hyphenated); anything else is
@@ -110,6 +116,9 @@ DATABASES: tuple[bytes, ...] = (
 MAX_DBS = 32
 
 META_LAYOUT = b"layout"
+META_TRIM_POS = b"trim_pos"
+CHANGED_LIVE = b"\x00"
+CHANGED_DELETED = b"\x01"
 # LMDB refuses empty keys (MDB_BAD_VALSIZE); no project id is NUL, so NUL names the defaults.
 QUOTA_DEFAULTS = b"\x00"
 META_HORIZON = b"tombstone_horizon"
@@ -122,6 +131,7 @@ MAX_KEY = 511  # LMDB's default MDB_MAXKEYSIZE
 U64 = struct.Struct(">Q")
 FRAME = struct.Struct(">QqqB")  # version, created_at, updated_at|deleted_at, len(project)
 FRAME_SIZE = FRAME.size
+FRAME_T = struct.Struct(">q")  # at offset 16: updated_at (record) or deleted_at (tombstone)
 
 # bytes.translate table that inverts every byte: reverses the order of equal-length keys.
 INVERT = bytes(range(255, -1, -1))

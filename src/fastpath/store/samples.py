@@ -16,6 +16,10 @@ from fastpath.store.record import make_record
 EPOCH_2024 = 1_704_067_200_000_000  # 2024-01-01T00:00:00Z in microseconds
 
 
+def _mac(n: int, rnd: random.Random) -> str:
+    return f"fa:16:3e:{n:02x}:{rnd.randrange(256):02x}:{rnd.randrange(256):02x}"
+
+
 def sample_record(
     server_uuid: str | None = None,
     version: int = 1,
@@ -76,13 +80,13 @@ def sample_record(
                 {
                     "addr": f"192.168.{n // 250}.{n % 250 + 2}",
                     "version": 4,
-                    "mac": "fa:16:3e:%02x:%02x:%02x" % (n, rnd.randrange(256), rnd.randrange(256)),
+                    "mac": _mac(n, rnd),
                     "type": "fixed",
                 },
                 {
                     "addr": f"fd00::{n:x}",
                     "version": 6,
-                    "mac": "fa:16:3e:%02x:%02x:%02x" % (n, rnd.randrange(256), rnd.randrange(256)),
+                    "mac": _mac(n, rnd),
                     "type": "fixed",
                 },
             ]

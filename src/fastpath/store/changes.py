@@ -1,0 +1,81 @@
+"""What the write side of the store takes and returns: changes, batches, the apply summary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+ViewId = bytes
+# render(record) -> {view id: rendered JSON fragment}; called by apply for every winning upsert.
+Renderer = Callable[[Mapping[str, Any]], Mapping[ViewId, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Upsert:
+    """A server's full record at ``version`` (a complete record: ``record.make_record``)."""
+
+    uuid: str
+    version: int
+    record: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """A server deleted at ``version``.
+
+    ``record`` is the final (deleted) record if the cell sends one (a complete record);
+    without it the store keeps the last record it had, which renders the DELETED entry of
+    ``changes-since``.
+    """
+
+    uuid: str
+    version: int
+    project_id: str
+    created_at: int
+    deleted_at: int
+    record: Mapping[str, Any] | None = None
+
+
+class Catalog(Enum):
+    """Catalogue tables written through :class:`CatalogPut` (last write wins)."""
+
+    FLAVORS = "flavors"  # key: flavor id
+    IMAGES = "images"  # key: image id
+    KEYPAIRS = "keypairs"  # key: (user_id, name)
+    QUOTA_LIMITS = "quota_limits"  # key: project id, or "" for the defaults
+    AZS = "azs"  # key: availability zone name
+    CELLS = "cells"  # key: cell name
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogPut:
+    """Put (or, with ``value=None``, delete) one catalogue entry."""
+
+    table: Catalog
+    key: str | tuple[str, str]
+    value: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Everything one write transaction applies."""
+
+    changes: Sequence[Upsert | Tombstone] = ()
+    cursor: tuple[str, int] | None = None  # (cell name, feed sequence covered)
+    catalog: Sequence[CatalogPut] = ()
+    reset_cursor: bool = False  # set the cursor even if lower (resync of a cell)
+    repair: bool = False  # anti-entropy: accept servers older than the tombstone horizon
+
+
+@dataclass(slots=True)
+class ApplySummary:
+    applied: int = 0  # upserts that created or replaced a record
+    skipped_stale: int = 0  # changes dropped by the version rule
+    blocked_by_tombstone: int = 0  # of those, upserts refused because of a tombstone
+    tombstoned: int = 0  # tombstones stored (removing a record or not)
+    catalog: int = 0  # catalogue entries written
+    cursor: int | None = None  # the cell's cursor after this transaction
+    cursor_moved: bool = False
+    map_resizes: int = 0  # times the map grew while applying
