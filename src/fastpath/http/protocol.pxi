@@ -84,6 +84,7 @@ cdef class HttpProtocol:
         self.pending = 0
         self.fail_status = 0
         self.fail_message = None
+        self.http10 = -1
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport):
@@ -255,7 +256,12 @@ cdef class HttpProtocol:
         req.method = method_code(req.method_name)
         req.keep_alive = self.parser.should_keep_alive()
         if req.keep_alive and req.has_connection:
-            req.http10 = self.parser.get_http_version() == "1.0"
+            # PERF: get_http_version() formats a str; a connection keeps its HTTP version,
+            # so ask once (were a client to switch, the worst is one keep-alive header too
+            # many or too few -- both harmless).
+            if self.http10 < 0:
+                self.http10 = self.parser.get_http_version() == "1.0"
+            req.http10 = self.http10 == 1
         if req.upgrade or req.method == M_OTHER:
             # llhttp treats "Upgrade" (with Connection: upgrade) and CONNECT as a switch of
             # protocols and stops parsing after this request: answer it, then close.
