@@ -1,7 +1,7 @@
 """The ``fastpath`` command: ``serve``, ``status``, ``settings``.
 
-Exit codes: 0 success, 1 failure at run time, 2 bad usage or a bad setting,
-3 (``status``) nothing is running for that data dir.
+Exit codes: 0 success, 1 failure at run time (``status``: nothing is running for that
+data dir), 2 bad usage or a bad setting.
 """
 
 from __future__ import annotations

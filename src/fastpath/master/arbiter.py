@@ -25,7 +25,6 @@ asked to drain, so no request is refused); CHLD reap.
 from __future__ import annotations
 
 import collections
-import ctypes
 import errno
 import fcntl
 import logging
@@ -79,8 +78,10 @@ PR_SET_PDEATHSIG = 1
 
 def _load_prctl() -> Callable[..., int] | None:
     try:
+        import ctypes
+
         prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux: workers then rely on the master's stop
+    except (ImportError, OSError, AttributeError):  # not Linux: workers rely on the master
         return None
     return prctl
 
