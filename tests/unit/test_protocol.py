@@ -623,6 +623,15 @@ def test_body_timeout_answers_408(server: Server) -> None:
     assert conn.one().status == 408 and conn.closed
 
 
+def test_keep_alive_timeout_runs_again_after_an_async_answer(server: Server) -> None:
+    conn = server.exchange(request("/debug/sleep?ms=1"))
+    conn.wait(1)
+    server.tick(29)
+    assert not conn.closed
+    server.tick(2)
+    assert conn.closed and len(conn.responses()) == 1
+
+
 def test_no_timeout_while_an_async_handler_works(server: Server) -> None:
     conn = server.exchange(request("/debug/sleep?ms=1"))
     server.tick(100)
