@@ -157,14 +157,16 @@ class Apply:
         u = L.uuid_key(ch.uuid)
         version = ch.version
         final = ch.record
+        if final is not None and (final["version"] != version or final["uuid"] != ch.uuid):
+            raise RecordError(
+                f"tombstone {ch.uuid} v{version}: its record says {final['uuid']} v{final['version']}"
+            )
         old = txn.get(u, db=d.servers)
         if old is not None:
-            old_version, old_created, _, old_project, off = L.unpack_frame_head(old)
+            old_version, old_created, _, old_project, _ = L.unpack_frame_head(old)
             if version < old_version:  # a tie goes to the tombstone
                 summary.skipped_stale += 1
                 return
-            if final is None:
-                final = R.unpack(old[off:])
             self.remove_live(u, old_project, old_created)
         else:
             tomb = txn.get(u, db=d.tombstones)
@@ -174,6 +176,8 @@ class Apply:
                     summary.skipped_stale += 1
                     return
                 self.drop_tombstone(u, deleted_at)
+        # The tombstone holds what its change holds, never the record it replaced: the
+        # store must be a function of each server's winning change, whatever the order.
         project = L.name_bytes(ch.project_id, "project_id")
         body = R.pack(final) if final is not None else _NIL
         frame = L.pack_frame(version, ch.created_at, ch.deleted_at, project, body)

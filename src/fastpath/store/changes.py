@@ -25,9 +25,11 @@ class Upsert:
 class Tombstone:
     """A server deleted at ``version``.
 
-    ``record`` is the final (deleted) record if the cell sends one (a complete record);
-    without it the store keeps the last record it had, which renders the DELETED entry of
-    ``changes-since``.
+    ``record``: the final (deleted) record, complete, at ``version`` -- what renders the
+    server's DELETED entry in ``changes-since``.  Without it that entry has only the id,
+    project, status and times.  The store never keeps the record the tombstone replaced in
+    its stead: what is stored must depend only on each server's winning change, whatever
+    the order changes arrive in.
     """
 
     uuid: str

@@ -388,12 +388,24 @@ class Reader:
         return 0 if v is None else int(L.U64.unpack(v)[0])
 
     # -- whole-store views (tests, verify) -------------------------------------------------------
-    def dump(self) -> dict[str, list[tuple[bytes, bytes]]]:
-        """Every key and value of every database (tests and debugging; not for requests)."""
-        return {
+    def dump(self, logical: bool = False) -> dict[str, list[tuple[bytes, bytes]]]:
+        """Every key and value of every database (tests and debugging; not for requests).
+
+        ``logical``: what the store means rather than how it got there -- without superseded
+        ``by_changed`` entries and the trim position, which depend on the history of
+        writes and trims, not on the state.
+        """
+        out = {
             name.decode(): [(bytes(k), bytes(v)) for k, v in self._txn.cursor(db=db)]
             for name, db in self._d.by_name.items()
         }
+        if logical:
+            out["by_changed"] = [
+                (k, v) for k, v in out["by_changed"]
+                if changed_is_current(self._txn, self._d, L.time_of_changed_key(k), k[8:24], v)
+            ]
+            out["meta"] = [(k, v) for k, v in out["meta"] if k != L.META_TRIM_POS]
+        return out
 
     def count(self, database: bytes) -> int:
         """Entries in one named database (``layout.SERVERS``, ...)."""
