@@ -118,6 +118,16 @@ http {{
 """
 
 
+def nginx_location(sc: Scenario, www: str, body: bytes, mode: str) -> str:
+    if mode == "file":
+        return f"        location = {sc.path} {{ root {www}; try_files /{sc.file} =404; }}"
+    text = body.decode("utf-8")
+    if "$" in text or "\n" in text:
+        raise RuntimeError(f"--nginx-mode return cannot carry the body of {sc.title} ('$'/newline)")
+    quoted = text.replace("\\", "\\\\").replace("'", "\\'")
+    return f"        location = {sc.path} {{ return 200 '{quoted}'; }}"
+
+
 # -- processes ---------------------------------------------------------------------------
 
 
@@ -491,6 +501,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     p.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
+    p.add_argument(
+        "--nginx-mode",
+        choices=("file", "return"),
+        default="file",
+        help="file: nginx serves the body as a static file (open_file_cache; one pread per "
+        "request); return: from memory with 'return 200 \"...\"', the stronger baseline "
+        "(default file)",
+    )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)
     unknown = [s for s in args.scenarios.split(",") if s not in SCENARIOS]
@@ -589,7 +607,7 @@ def _bench(
         prefix = os.path.join(tmp, "nginx")
         os.makedirs(os.path.join(prefix, "tmp"))
         locations = "\n".join(
-            f"        location = {sc.path} {{ root {www}; try_files /{sc.file} =404; }}"
+            nginx_location(sc, www, bodies[sc.file], args.nginx_mode)
             for sc in {sc.path: sc for sc in scenarios}.values()
         )
         conf = NGINX_CONF.format(
@@ -633,7 +651,10 @@ def _bench(
     print(f"command: {command}")
     print(f"fastpath: {shlex.join(fp_argv)}  (pid {fp.pid})")
     if ng is not None:
-        print(f"nginx:    {shlex.join(ng.argv)}  (pid {ng.pid}, worker_processes {args.workers})")
+        print(
+            f"nginx:    {shlex.join(ng.argv)}  (pid {ng.pid}, worker_processes {args.workers}, "
+            f"body from {'a static file' if args.nginx_mode == 'file' else 'memory (return)'})"
+        )
     for sc in scenarios:
         print(f"wrk:      {example[sc.name]}   (nginx: port {ng_port}, same Host header)")
     print("bodies:   " + ", ".join(f"{sc.path} {len(bodies[sc.file])} B" for sc in scenarios))
@@ -720,6 +741,7 @@ def _bench(
             "settings": {
                 k: getattr(args, k)
                 for k in (
+                    "nginx_mode",
                     "workers",
                     "duration",
                     "connections",
