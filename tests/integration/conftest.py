@@ -188,8 +188,12 @@ class FastpathServer:
         except Exception:  # noqa: BLE001 - teardown must go on
             pass
         if self.proc.poll() is None:
+            # A test may have stopped a worker (SIGSTOP): it could not drain otherwise.
+            for pid in pids:
+                if _alive(pid) and _is_fastpath(pid):
+                    os.kill(pid, signal.SIGCONT)
             try:
-                self.proc.send_signal(signal.SIGCONT)  # in case a test stopped it
+                self.proc.send_signal(signal.SIGCONT)
                 self.proc.terminate()
                 self.proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
