@@ -5,12 +5,13 @@ only enqueue the signal (the wakeup fd wakes the loop); one loop dispatches sign
 children, kills the ones whose heartbeat stopped or whose grace ran out, steps a rolling
 reload and tops up missing workers.
 
-Sockets.  Closing an SO_REUSEPORT listener drops the connections queued on it (they are
-not handed to the siblings; Linux < 5.14 or ``net.ipv4.tcp_migrate_req=0``), so the
-master owns the listening sockets, one per worker *index*, and never closes one while it
-is in use.  The worker of index i (and its replacement, and during a reload both the old
-and the new one) accepts from socket i; a worker that exits closes only its own descriptor,
-so the kernel keeps the socket and its queue for the next worker.
+Sockets.  Closing an SO_REUSEPORT listener drops the connections queued on it: they are
+not handed to the other sockets of the group (unless ``net.ipv4.tcp_migrate_req=1``,
+Linux >= 5.14).  So the master owns the listening sockets, one per worker *index*, and
+closes one only when its index goes away (stop, or a reload to fewer workers).  The worker
+of index i (its replacement, and during a reload both the old and the new one) accepts
+from socket i; a worker that exits closes only its own descriptor, so the kernel keeps the
+socket and its queue for the next worker.
 
 Workers and memory.  Every child owns a slot of the shared memory
 (:mod:`fastpath.master.shm`), published as ``DATA_DIR/run/fastpath.shm`` so that
