@@ -9,10 +9,11 @@ It starts, on free loopback ports and in a temporary directory:
   fastpath answers for the same request (fetched from fastpath first, Host included),
   with ``default_type application/json``;
 
-then runs wrk against each, interleaved (fastpath, nginx, fastpath, nginx, ... for
-``--rounds`` rounds), with the same request headers, and reports per scenario and target
-the median requests/s over the rounds, the latency p50/p99 (median over rounds; from a wrk
-Lua ``done()`` hook) and the ratio fastpath/nginx of the medians.
+then runs wrk against each, interleaved (fastpath, nginx, nginx, fastpath, ... for
+``--rounds`` rounds: the order is reversed every other round), with the same request
+headers, and reports per scenario and target the median requests/s over the rounds, the
+latency p50/p99 (median over rounds; from a wrk Lua ``done()`` hook), the CPU the server
+spent per request, and the ratio fastpath/nginx of the medians (and of each round's pair).
 
 Every process it starts is stopped in a ``finally`` (SIGTERM, then SIGKILL), each in its own
 session so that nothing it forked survives; every wait is bounded by a timeout.  Nothing
@@ -660,7 +661,8 @@ def _bench(
     print("bodies:   " + ", ".join(f"{sc.path} {len(bodies[sc.file])} B" for sc in scenarios))
     print(
         f"rounds:   {args.rounds} x {len(scenarios)} scenario(s) x {len(targets)} target(s) x "
-        f"{args.duration:g}s, interleaved; warm-up {args.warmup:g}s per target and scenario"
+        f"{args.duration:g}s, interleaved, order reversed every other round; "
+        f"warm-up {args.warmup:g}s per target and scenario"
     )
     print(flush=True)
 
@@ -677,8 +679,12 @@ def _bench(
 
     runs: list[Run] = []
     for rnd in range(1, args.rounds + 1):
-        for sc in scenarios:
-            for t in targets:
+        # Interleaved, and the order reversed every other round (A B, B A, ...): whatever
+        # favours the first or second run of a round (it happens on a 2-core machine)
+        # falls on both targets and both scenarios alike.
+        order = 1 if rnd % 2 else -1
+        for sc in scenarios[::order]:
+            for t in targets[::order]:
                 for p in procs:
                     if not p.alive():
                         raise RuntimeError(
@@ -710,7 +716,7 @@ def _bench(
             res[t] = summarize([r for r in runs if r.scenario == sc.name and r.target == t])
         if "fastpath" in res and "nginx" in res and res["nginx"]["rps_median"]:
             res["ratio"] = res["fastpath"]["rps_median"] / res["nginx"]["rps_median"]
-            # Each fastpath run beside the nginx run that followed it: robust to slow drift.
+            # Each fastpath run beside the nginx run of the same round: robust to slow drift.
             by_round = {
                 (r.round, r.target): r for r in runs if r.scenario == sc.name and not r.failed
             }
