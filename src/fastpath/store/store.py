@@ -186,8 +186,15 @@ class Store:
             raise StoreError(f"map_size {map_size} is larger than max_map_size {max_map_size}")
         path = os.path.realpath(os.path.join(os.fspath(data_dir), "store"))
         other = _open_stores.get(path)
-        if other is not None and not other._closed and other._pid == _pid:
-            raise StoreError(f"the store {path} is already open in this process (pid {_pid})")
+        if other is not None and not other._closed:
+            if other._pid == _pid:
+                raise StoreError(f"the store {path} is already open in this process (pid {_pid})")
+            # Closing the inherited environment here would clear the parent's reader slots
+            # (py-lmdb aborts its transactions), so there is no safe way to reopen it.
+            raise StoreError(
+                f"the store {path} was opened by process {other._pid} before it forked this "
+                f"one ({_pid}); open the store only after fork (the master never opens it)"
+            )
         os.makedirs(path, mode=0o700, exist_ok=True)
         env = _open_env(path, map_size, max_readers, sync, metasync, readahead)
         try:
@@ -206,13 +213,18 @@ class Store:
         return store
 
     def close(self) -> None:
-        """Close the environment (in the process that opened it; elsewhere only forget it)."""
+        """Close the environment; in a forked child, only mark this copy closed.
+
+        A child must not close an inherited environment: py-lmdb would abort the inherited
+        transactions, and aborting a read transaction clears its reader slot -- the parent's
+        slot, in the shared lock file, while the parent still reads through it.
+        """
         if self._closed:
             return
         self._closed = True
         if self._pid == _pid:
             self._env.close()
-        self.counters.release()
+            self.counters.release()
 
     def __enter__(self) -> Store:
         return self
@@ -286,7 +298,9 @@ class Store:
                 grown += 1
 
     def _grow(self) -> None:
-        self._env.set_mapsize(0)  # first adopt a size another process may have set
+        # Not set_mapsize(0) first: that adopts the size in the last committed meta page,
+        # which is still the old one while a batch needs several doublings in a row.  A
+        # size grown by another process is adopted at txn begin (MDB_MAP_RESIZED) instead.
         current = int(self._env.info()["map_size"])
         if current >= self.max_map_size:
             raise StoreFullError(
@@ -385,31 +399,21 @@ def _open_env(
 
 
 def _open_dbs(env: lmdb.Environment, path: str) -> Dbs:
-    """Open every named database and check the layout version.
+    """Open (creating if needed) every named database and check the layout version.
 
-    The usual case (the databases exist) needs only a read transaction, so starting workers
-    do not queue behind cellsync for the writer lock.  mdb_dbi_open: "The database handle
-    will be private to the current transaction until the transaction is successfully
-    committed. If the transaction is aborted the handle will be closed automatically": hence
-    commit, not abort, even the read transaction.
+    In a write transaction, even when every database exists: mdb_dbi_open says "The
+    database handle will be private to the current transaction until the transaction is
+    successfully committed. If the transaction is aborted the handle will be closed
+    automatically", and py-lmdb's C extension ends a read-only transaction by resetting it
+    for reuse, never by mdb_txn_commit -- handles opened in one are lost.  A starting
+    process therefore waits once for the writer lock (one cellsync batch at most).
     """
     try:
-        txn = env.begin()
+        wtxn = env.begin(write=True)
     except lmdb.MapResizedError:
         env.set_mapsize(0)
-        txn = env.begin()
-    try:
-        handles = {name: env.open_db(name, txn=txn, create=False) for name in L.DATABASES}
-        found = txn.get(L.META_LAYOUT, db=handles[L.META])
-    except lmdb.NotFoundError:
-        txn.abort()
-    else:
-        if found is not None:
-            _check_layout(found, path)  # aborts below (with the txn) on a mismatch
-            txn.commit()
-            return Dbs(handles)
-        txn.abort()
-    with env.begin(write=True) as wtxn:
+        wtxn = env.begin(write=True)
+    with wtxn:
         handles = {name: env.open_db(name, txn=wtxn, create=True) for name in L.DATABASES}
         stored = wtxn.get(L.META_LAYOUT, db=handles[L.META])
         if stored is None:
@@ -419,7 +423,7 @@ def _open_dbs(env: lmdb.Environment, path: str) -> Dbs:
     return Dbs(handles)
 
 
-def _check_layout(stored: bytes | memoryview, path: str) -> None:
+def _check_layout(stored: bytes, path: str) -> None:
     version = int(L.U64.unpack(bytes(stored))[0])
     if version != L.LAYOUT_VERSION:
         raise StoreLayoutError(
