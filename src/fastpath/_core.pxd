@@ -118,6 +118,7 @@ cdef class HttpProtocol:
     cdef str fail_message
     cdef bint closing                # close after the response in progress
     cdef bint eof                    # the client half-closed: close after the last answer
+    cdef bint used                   # a request has begun on this connection
     cdef signed char http10          # the connection speaks HTTP/1.0: 1, 1.1: 0, not asked: -1
     # Header-size accounting of data_received (httptools has no limit of its own):
     cdef Py_ssize_t pending          # bytes received that no callback has reported yet

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from conftest import FastpathServer
+    from tests.integration.conftest import FastpathServer
 
 # Test modules do not import conftest (tests/unit has one too); helpers come as fixtures
 # and as methods of the server object.

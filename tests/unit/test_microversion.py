@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import Server, deliveries, request
+from tests.unit.conftest import Server, deliveries, request
 
 TOKEN = "X-Auth-Token: u:p"
 VARY = "OpenStack-API-Version, X-OpenStack-Nova-API-Version"

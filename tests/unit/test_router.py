@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import Server, request
+from tests.unit.conftest import Server, request
 
 from fastpath.api.routes import RouteSpec
 

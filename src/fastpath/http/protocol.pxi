@@ -98,7 +98,8 @@ cdef class HttpProtocol:
         if len(_conns) > _max_connections:
             self._fail_connection(503, "This worker has reached its connection limit; try again.")
         elif _worker is not None and _worker.stopping:
-            self._fail_connection(503, "The server is shutting down.")
+            # Accepted just before the listener closed: serve its first request, then close.
+            self.closing = True
 
     def connection_lost(self, exc):
         _conns.discard(self)
@@ -174,9 +175,12 @@ cdef class HttpProtocol:
     # Each callback marks ``reported``/resets ``pending`` (see data_received).
 
     def on_message_begin(self):
-        if self.closing or self.state == S_CLOSED:
+        # closing (after the answer in progress) refuses further requests -- except the
+        # first request of a connection accepted just before a graceful stop.
+        if (self.closing and self.used) or self.state == S_CLOSED:
             self.err_status = -1
             raise _Stop()
+        self.used = True
         self.req = Request.__new__(Request)
         # The request line less its target (which on_url counts): "GET " + " HTTP/1.1\r\n".
         self.req.header_bytes = REQUEST_LINE_FRAMING
@@ -527,7 +531,10 @@ cdef class HttpProtocol:
     def shutdown(self):
         """Graceful stop: close when idle, else after the response in progress."""
         self.closing = True
-        if self.state == S_IDLE and not self.busy:
+        # A connection that has not begun its first request yet is not idle:
+        # it was accepted just before the listener closed and its request is on the way.
+        # It is answered (with Connection: close) or times out under the header timeout.
+        if self.state == S_IDLE and not self.busy and self.used:
             self._close()
 
     cdef _pause(self, int reason):

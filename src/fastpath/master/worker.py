@@ -31,7 +31,6 @@ EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_BOOT_ERROR = 3
 # Seconds between closing the listener and closing idle connections on SIGTERM.
-SETTLE_BEFORE_DRAIN = 0.1
 
 log = logging.getLogger("fastpath.worker")
 
@@ -87,12 +86,9 @@ def _serve(settings: Settings, sock: socket.socket, shm: SharedState, slot: int,
         stopping["graceful"] = True
         log.debug("worker %d: graceful stop", os.getpid())
         server.close()  # our descriptor only: the master keeps the socket and its queue
-        # A connection accepted just before the close may not have delivered its first
-        # request yet and would look idle (idle connections are closed at once): let such
-        # requests arrive before the drain starts.  Keep-alive clients are served meanwhile.
-        grace = settings["master.graceful_timeout"]
-        settle = min(SETTLE_BEFORE_DRAIN, grace / 2)
-        loop.call_later(settle, worker.begin_shutdown, grace - settle, loop.stop)
+        # Connections accepted but silent so far are not idle: _core serves their first
+        # request (with Connection: close) before the drain completes.
+        worker.begin_shutdown(settings["master.graceful_timeout"], loop.stop)
 
     def quick() -> None:
         stopping["quick"] = True
