@@ -127,6 +127,8 @@ cdef class HttpProtocol:
     cdef Py_ssize_t body_in_feed     # body bytes reported during the current feed
 
     cdef _message_complete(self)
+    cdef int _split_target(self, Request req)
+    cdef _check_before_continue(self, Request req)
     cdef _dispatch(self, Request req)
     cdef _call_python(self, Request req, Route route)
     cdef _respond_result(self, Request req, object result)

@@ -867,3 +867,17 @@ def test_responses_parse_with_a_strict_parser(server: Server) -> None:
     raw = bytes(server.exchange(request("/"), request("/nowhere")).transport.out)
     assert len(parse_responses(raw)) == 2
     assert raw.count(b"\r\n\r\n") == 2
+
+
+def test_expect_100_continue_is_refused_before_the_body_when_the_request_cannot_succeed(
+    server: Server,
+) -> None:
+    cases = [
+        (request("/nowhere", "Expect: 100-continue", "Content-Length: 3", method="POST"), 404),
+        (request("/v2.1/servers", "Expect: 100-continue", "Content-Length: 3", method="POST"), 401),
+        (request("/healthz", "Expect: 100-continue", "Content-Length: 3", method="POST"), 405),
+    ]
+    for head, status in cases:
+        conn = server.exchange(head)
+        r = conn.one()  # the final answer, and no "100 Continue" before it
+        assert r.status == status and conn.closed, (head, r.status)

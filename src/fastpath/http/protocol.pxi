@@ -276,6 +276,7 @@ cdef class HttpProtocol:
         if req.content_length > _max_body_size:
             self._abort(413, f"Request body too large: the limit is {_max_body_size} bytes.")
         if req.expect_continue and self.transport is not None:
+            self._check_before_continue(req)
             self._write(_CONTINUE)
         self.state = S_BODY
         self.deadline = _now + _body_timeout
@@ -315,22 +316,19 @@ cdef class HttpProtocol:
         if not self.busy:
             self._after_response(req)
 
-    cdef _dispatch(self, Request req):
+    cdef int _split_target(self, Request req):
+        """Set req.path and req.query from the request target; 400 when it is unusable."""
         cdef bytes url = req.url
         cdef const char* s
         cdef Py_ssize_t n, i
-        cdef Route route
-        cdef int status
         if url is None:
-            self._respond_error(req, 400, "Malformed request: no request target.")
-            return
+            return 400
         s = PyBytes_AS_STRING(url)
         n = PyBytes_GET_SIZE(url)
         if s[0] != b'/':
             url = _origin_form(req, url)
             if url is None:
-                self._respond_error(req, 400, "Malformed request: bad request target.")
-                return
+                return 400
             s = PyBytes_AS_STRING(url)
             n = PyBytes_GET_SIZE(url)
         i = 0
@@ -342,6 +340,31 @@ cdef class HttpProtocol:
         else:
             req.path = url
             req.query = None
+        return 0
+
+    cdef _check_before_continue(self, Request req):
+        """Expect: 100-continue: refuse at once what would be refused after the body (bad
+        target, no route, no token), so the client does not send a body for nothing (RFC
+        9110 10.1.1: the server may answer with the final status instead of 100)."""
+        cdef Route route
+        if self._split_target(req) != 0:
+            self._abort(400, "Malformed request: bad request target.")
+        route = lookup(req)
+        if route is None:
+            if _lookup_auth and not authenticate(req):
+                self._abort(401, "The request you have made requires authentication.")
+            elif _lookup_status == 405:
+                self._abort(405, "The method is not allowed for this resource.")
+            self._abort(404, "The resource could not be found.")
+        if route.auth and not authenticate(req):
+            self._abort(401, "The request you have made requires authentication.")
+
+    cdef _dispatch(self, Request req):
+        cdef Route route
+        cdef int status
+        if self._split_target(req) != 0:
+            self._respond_error(req, 400, "Malformed request: bad request target.")
+            return
         route = lookup(req)
         if route is None:
             if _lookup_auth and not authenticate(req):
