@@ -107,6 +107,10 @@ cdef class HttpProtocol:
         self.transport = None
         self._write = None
         self.queue = None
+        # PERF: the parser holds this protocol (its callbacks) and we hold the parser: break
+        # the cycle so a closed connection is freed by refcounting, not by the cycle GC.
+        self.parser = None
+        self.req = None
         if _worker is not None and _worker.stopping:
             _worker._check_shutdown()
 
