@@ -473,13 +473,15 @@ def test_trim_removes_superseded_log_entries_only(store: Store) -> None:
     with store.read() as r:
         before = list(r.changes())
         assert r.changes_log_size() == (10 + 15 + 2, 10)
-    walked, removed = store.trim_changes(limit=7)  # resumes where it stopped
-    assert walked == 7
-    total_removed = removed
-    for _ in range(10):
-        walked, removed = store.trim_changes(limit=7)
-        total_removed += removed
-    assert total_removed == 17
+    first = store.trim_changes(limit=7)  # later calls resume where it stopped
+    assert first.walked == 7 and not first.at_end
+    sweep = [first]
+    while not sweep[-1].at_end:
+        sweep.append(store.trim_changes(limit=7))
+    assert sum(t.walked for t in sweep) == 27 and sum(t.removed for t in sweep) == 17
+    again = store.trim_changes(limit=10)  # a new sweep: nothing left to remove
+    assert again == (10, 0, True)
+    assert store.trim_changes(limit=7) == (7, 0, False)  # and the next starts over
     with store.read() as r:
         assert list(r.changes()) == before
         assert r.changes_log_size() == (10, 10)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 import msgpack
@@ -331,12 +331,18 @@ def changed_is_current(txn: lmdb.Transaction, dbs: Dbs, t: int, u: bytes, kind: 
     return v is not None and int(L.FRAME_T.unpack_from(v, 16)[0]) == t
 
 
-def trim_some(txn: lmdb.Transaction, dbs: Dbs, limit: int) -> tuple[int, int]:
-    """Walk up to ``limit`` entries of ``by_changed`` from where the last call stopped and
-    delete the superseded ones.  Returns (walked, removed).
+class TrimResult(NamedTuple):
+    walked: int
+    removed: int
+    at_end: bool  # this call reached the end of the log: the next one starts a new pass
 
-    The walk wraps around, so repeated calls visit every entry; deleting in key order
-    touches few pages.  The position is kept in ``meta`` (``b"trim_pos"``).
+
+def trim_some(txn: lmdb.Transaction, dbs: Dbs, limit: int) -> TrimResult:
+    """Walk up to ``limit`` entries of ``by_changed`` from where the last call stopped and
+    delete the superseded ones.
+
+    Successive calls sweep the log from start to end, then start again; deleting in key
+    order touches few pages.  The position is kept in ``meta`` (``b"trim_pos"``).
     """
     pos = txn.get(L.META_TRIM_POS, db=dbs.meta)
     cur = txn.cursor(db=dbs.by_changed)
@@ -357,7 +363,7 @@ def trim_some(txn: lmdb.Transaction, dbs: Dbs, limit: int) -> tuple[int, int]:
         txn.delete(L.META_TRIM_POS, db=dbs.meta)
     for key in stale:
         txn.delete(key, db=dbs.by_changed)
-    return walked, len(stale)
+    return TrimResult(walked, len(stale), not ok)
 
 
 def purge_some(txn: lmdb.Transaction, dbs: Dbs, older_than: int, limit: int) -> int:

@@ -341,11 +341,12 @@ class Store:
             if n < batch_size:
                 return total
 
-    def trim_changes(self, limit: int = 10_000) -> tuple[int, int]:
+    def trim_changes(self, limit: int = 10_000) -> A.TrimResult:
         """Remove superseded entries of the changes log, walking at most ``limit`` entries
         from where the previous call stopped (one write transaction).  Returns (walked,
-        removed).  Run it regularly (cellsync: after batches, with ``limit`` a few times the
-        batch size) so the log stays close to one entry per server.
+        removed, at_end): ``at_end`` once a sweep of the whole log is complete.  Run it
+        regularly (cellsync: after batches, with ``limit`` a few times the batch size) so the
+        log stays close to one entry per server.
         """
         result, _ = self._write(lambda txn: A.trim_some(txn, self.dbs, limit))
         return result
