@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid as uuidlib
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -45,6 +46,8 @@ def test_names_in_keys_refuse_nul_and_long() -> None:
         L.name_bytes("a\x00b")
     with pytest.raises(RecordError):
         L.name_bytes("x" * 256)
+    with pytest.raises(RecordError):
+        L.name_bytes("")
 
 
 # -- index orders -----------------------------------------------------------------------------
@@ -201,6 +204,7 @@ def test_make_record_names_every_problem() -> None:
         ("version", -1), ("version", True), ("created_at", -5), ("power_state", "1"),
         ("tags", ["a", 1]), ("metadata", {"a": 1}), ("addresses", {"n": [{"addr": "x"}]}),
         ("fault", {"code": 500}), ("image", {"id": "x"}), ("locked", 1),
+        ("project_id", ""), ("project_id", "a\x00b"), ("cell", "x" * 256),
     ],
 )
 def test_validate_refuses_bad_values(field: str, value: object) -> None:
@@ -239,3 +243,15 @@ def test_index_entry_projection() -> None:
     volume_booted = sample_record(U1, image=None)
     assert R.index_entry(volume_booted).image_id is None
     assert "updated_at" not in R.INDEX_FIELDS  # see record.py: updates then skip the index
+
+
+def test_docs_describe_every_database_and_field() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "store.md").read_text()
+    for name in L.DATABASES:
+        assert f"| `{name.decode()}` |" in doc, name
+    for field in R.FIELD_NAMES:
+        assert f"| `{field}` |" in doc, field
+    for field in R.INDEX_FIELDS:
+        assert f"| `{field}` |" in doc, field
+    for name in L.DATABASES:  # and the module docstring, the other home of the layout
+        assert f"``{name.decode()}``" in (L.__doc__ or ""), name

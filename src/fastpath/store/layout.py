@@ -168,10 +168,14 @@ def uuid_str(b: bytes | memoryview) -> str:
 
 # -- names -------------------------------------------------------------------------------------
 def name_bytes(name: str, what: str = "name") -> bytes:
-    """UTF-8 of a project/user/cell/id that goes into a key; refuses NUL and > 255 bytes."""
+    """UTF-8 of a project/user/cell/id that goes into a key: 1 to 255 bytes, no NUL.
+
+    Empty is refused too: LMDB refuses empty keys, and an empty project would make index
+    keys that start with NUL.
+    """
     b = name.encode()
-    if len(b) > MAX_NAME or b"\x00" in b:
-        raise RecordError(f"{what} {name!r} cannot be used in a key (NUL or longer than 255 bytes)")
+    if not 0 < len(b) <= MAX_NAME or b"\x00" in b:
+        raise RecordError(f"{what} {name!r} cannot be used in a key (empty, NUL or over 255 bytes)")
     return b
 
 

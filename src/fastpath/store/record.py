@@ -116,6 +116,13 @@ def _check_ts(v: Any) -> str | None:
     return None
 
 
+def _check_key_name(v: Any) -> str | None:
+    b = v.encode()
+    if not 0 < len(b) <= 255 or b"\x00" in b:
+        return "expected 1 to 255 bytes of UTF-8 without NUL (it goes into store keys)"
+    return None
+
+
 def _check_version(v: Any) -> str | None:
     if isinstance(v, bool) or not 0 <= v < 2**64:
         return "expected an integer from 0 to 2**64-1"
@@ -229,9 +236,9 @@ FIELDS: tuple[Field, ...] = (
     Field("schema", _INT, C, None, "(layout) SCHEMA_VERSION of this record"),
     Field("uuid", _STR, C, None, "id"),
     Field("version", _INT, C, None, "(sync) per-server version, only grows (P2)", _check_version),
-    Field("cell", _STR, C, None, "(sync) name of the owning cell"),
-    Field("project_id", _STR, C, None, "tenant_id"),
-    Field("user_id", _STR, C, None, "user_id"),
+    Field("cell", _STR, C, None, "(sync) name of the owning cell", _check_key_name),
+    Field("project_id", _STR, C, None, "tenant_id", _check_key_name),
+    Field("user_id", _STR, C, None, "user_id", _check_key_name),
     # -- names
     Field("name", _STR, C, None, "name"),
     Field("hostname", _OPT_STR, C, _none, "OS-EXT-SRV-ATTR:hostname (2.3 admin, 2.90 all)"),
