@@ -219,6 +219,13 @@ def test_a_change_must_agree_with_its_record(store: Store) -> None:
         store.apply(Batch([tomb(1, 2, record=rec(1, 1))]))
     with pytest.raises(RecordError):
         store.apply(Batch([Upsert("not-a-uuid", 1, rec(1, 1))]))
+    partial = {k: v for k, v in rec(1, 1).items() if k != "flavor"}
+    with pytest.raises(RecordError, match="not a complete record"):
+        store.apply(Batch([Upsert(uid(1), 1, partial)]))
+    with pytest.raises(RecordError, match="not a change"):
+        store.apply(Batch(["nonsense"]))  # type: ignore[list-item]
+    with store.read() as r:
+        assert r.count(L.SERVERS) == 0
 
 
 # -- idempotence, atomicity, the cursor -------------------------------------------------------

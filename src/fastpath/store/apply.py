@@ -72,12 +72,16 @@ class Apply:
             h = self.txn.get(L.META_HORIZON, db=self.d.meta)
             self.horizon = int(L.U64.unpack(h)[0]) if h is not None else 0
         for ch in batch.changes:
-            if type(ch) is Upsert:
-                self.upsert(ch)
-            elif type(ch) is Tombstone:
-                self.tombstone(ch)
-            else:
-                raise TypeError(f"not a change: {ch!r}")
+            try:
+                if type(ch) is Upsert:
+                    self.upsert(ch)
+                elif type(ch) is Tombstone:
+                    self.tombstone(ch)
+                else:
+                    raise TypeError(f"not a change: {ch!r}")
+            except (KeyError, TypeError) as exc:
+                # apply trusts records built by record.make_record; say which one was not.
+                raise RecordError(f"change {ch!r:.120}: not a complete record ({exc!r})") from exc
         if self.usage:
             self.flush_usage()
         for put in batch.catalog:
