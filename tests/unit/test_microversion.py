@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from tests.unit.conftest import Server, deliveries, request
 
 TOKEN = "X-Auth-Token: u:p"

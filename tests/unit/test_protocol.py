@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tests.unit.conftest import (
     HOST,
     REQUEST_ID,

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from tests.unit.conftest import Server, request
 
 from fastpath.api.routes import RouteSpec
+from tests.unit.conftest import Server, request
 
 TOKEN = "X-Auth-Token: alice:proj1"
 
