@@ -523,13 +523,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def install_tools() -> None:
+    """Install wrk and nginx with apt-get when they are missing (root on Debian/Ubuntu, as
+    on CI); otherwise the caller prints how to install them."""
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    print("load: installing wrk and nginx-light with apt-get", file=sys.stderr)
+    for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk", "nginx-light"]):
+        try:
+            subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, timeout=600, check=True,
+                           stdout=subprocess.DEVNULL)
+        except (subprocess.SubprocessError, OSError) as exc:
+            print(f"load: {' '.join(argv)} failed: {exc}", file=sys.stderr)
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     targets = args.targets.split(",")
-    for tool, path in (("wrk", args.wrk), ("nginx", args.nginx)):
-        if (tool == "wrk" or "nginx" in targets) and not (
-            shutil.which(path) or os.access(path, os.X_OK)
-        ):
+    def present(path: str) -> bool:
+        return bool(shutil.which(path) or os.access(path, os.X_OK))
+
+    wanted = [(t, p) for t, p in (("wrk", args.wrk), ("nginx", args.nginx))
+              if t == "wrk" or "nginx" in targets]
+    if any(not present(path) for _, path in wanted):
+        install_tools()
+    for tool, path in wanted:
+        if not present(path):
             print(
                 f"load: {tool} not found ({path}); apt-get install -y wrk nginx-light",
                 file=sys.stderr,
