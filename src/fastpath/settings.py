@@ -212,6 +212,36 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0.1, maximum=600,
     ),
     Setting(
+        "store.map_size", int, 16 << 30,
+        "Initial size of the store's memory map, in bytes (address space, not disk: LMDB files are sparse).",
+        minimum=1 << 20, maximum=1 << 44,
+    ),
+    Setting(
+        "store.max_map_size", int, 1 << 40,
+        "Largest size the store's map may grow to, in bytes; beyond it writes fail with a clear error.",
+        minimum=1 << 20, maximum=1 << 46,
+    ),
+    Setting(
+        "store.max_readers", int, 1024,
+        "Concurrent read transactions of all processes on the store (LMDB reader table).",
+        minimum=16, maximum=65536,
+    ),
+    Setting(
+        "store.tombstone_retention", float, 86400.0 * 7,
+        "Seconds a deleted server stays listed as DELETED by changes-since before its tombstone is purged.",
+        minimum=60, maximum=86400.0 * 3650,
+    ),
+    Setting(
+        "api.max_limit", int, 1000,
+        "Largest page a list request returns (Nova's osapi_max_limit).",
+        minimum=1, maximum=100000,
+    ),
+    Setting(
+        "api.disabled_extensions", str, "",
+        "Comma-separated response extension groups left out of server views "
+        "(e.g. 'OS-EXT-SRV-ATTR,OS-EXT-STS'); empty: all on, as Nova.",
+    ),
+    Setting(
         "log.level", str, "info", "Log level of every process.",
         choices=("debug", "info", "warning", "error"),
     ),
