@@ -58,8 +58,13 @@ class Harness:
         self.core = _loader.load_core()
         self.shm = SharedState(2)
         self.shm.claim(0, ROLE_WORKER, 1, 0, 0)
-        self.settings = settings.load(None, {"bind": HOST.decode()})
-        self.plan = build_plan(self.settings, self.shm)
+        import tempfile
+
+        self.data_dir = tempfile.mkdtemp(prefix="fastpath-bench-")
+        self.settings = settings.load(
+            None, {"bind": HOST.decode(), "data_dir": self.data_dir, "store.map_size": 1 << 24}
+        )
+        self.plan = build_plan(self.settings, self.shm, 0)
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.worker = self.core.Worker(self.plan, self.shm.buf, self.shm.slot_offset(0), self.loop)

@@ -13,6 +13,8 @@ import asyncio
 import collections
 import json
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -347,10 +349,15 @@ class Server:
 
     def __init__(self, core: Any, overrides: dict[str, Any], extra_routes: bool) -> None:
         self.core = core
-        self.settings = settings.load(None, {"debug.test_routes": True, **overrides})
+        self.data_dir = tempfile.mkdtemp(prefix="fastpath-unit-")
+        self.settings = settings.load(
+            None,
+            {"debug.test_routes": True, "data_dir": self.data_dir, "store.map_size": 1 << 24,
+             **overrides},
+        )
         self.shm = SharedState(2)
         self.shm.claim(0, ROLE_WORKER, 1, 0, 0)
-        self.plan = build_plan(self.settings, self.shm)
+        self.plan = build_plan(self.settings, self.shm, 0)
         if extra_routes:
             self.plan.routes.extend(TEST_ROUTES)
         self.loop = uvloop.new_event_loop()
@@ -381,6 +388,8 @@ class Server:
         self.settle()
         self.loop.close()
         asyncio.set_event_loop(None)
+        self.plan.context.store.close()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

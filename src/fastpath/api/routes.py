@@ -47,6 +47,7 @@ class Plan:
     version_docs: tuple[Callable[[str], bytes], ...] = versions.RENDERERS
     default_host: bytes = b"localhost"
     authenticator: Callable[[bytes], tuple[str, str, bool] | None] | None = None
+    context: Any = None  # fastpath.api.context.ApiContext (handlers close over it)
 
 
 class Metrics:
@@ -133,8 +134,22 @@ def _debug_echo(req: Any) -> tuple[int, bytes]:
     return 200, b'{"length": %d}' % len(body)
 
 
-def build_plan(settings: Settings, shm: shm_layout.SharedState | None = None) -> Plan:
+def build_plan(
+    settings: Settings,
+    shm: shm_layout.SharedState | None = None,
+    slot: int | None = None,
+    store: Any = None,
+) -> Plan:
+    """The route plan of one worker.  Opens the API store (after fork; its transaction
+    counters go to ``slot`` of ``shm`` when given) unless ``store`` is passed."""
+    from fastpath.api import catalog, servers
+    from fastpath.api.context import ApiContext, open_store
+
     host, port = settings.bind_address
+    if store is None:
+        counters = (shm.buf, shm.slot_offset(slot)) if shm is not None and slot is not None else None
+        store = open_store(settings, counters)
+    ctx = ApiContext.create(settings, store)
     routes: list[RouteSpec] = [
         RouteSpec("GET", "/", "core:versions", auth=False, versioned=False),
         RouteSpec("GET", "/v2/", "core:version_v2", auth=False, versioned=False),
@@ -146,9 +161,11 @@ def build_plan(settings: Settings, shm: shm_layout.SharedState | None = None) ->
     if settings["debug.test_routes"]:
         routes.append(RouteSpec("GET", "/debug/sleep", _debug_sleep, auth=False, versioned=False))
         routes.append(RouteSpec("POST", "/debug/echo", _debug_echo, auth=False, versioned=False))
+    routes += servers.routes(ctx)
+    routes += catalog.routes(ctx)
     metrics.names = ["unmatched"] + [f"{r.method} {r.template}" for r in routes]
     if len(routes) + 1 > shm_layout.MAX_ROUTES:
         raise ValueError(f"{len(routes)} routes exceed the metrics table ({shm_layout.MAX_ROUTES})")
     shown = "localhost" if host in ("0.0.0.0", "::", "") else host
     default_host = f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}"
-    return Plan(settings=settings, routes=routes, default_host=default_host.encode())
+    return Plan(settings=settings, routes=routes, default_host=default_host.encode(), context=ctx)

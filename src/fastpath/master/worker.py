@@ -67,7 +67,7 @@ def _serve(settings: Settings, sock: socket.socket, shm: SharedState, slot: int,
         from fastpath.api.routes import build_plan
 
         core = _loader.load_core()
-        plan = build_plan(settings, shm)
+        plan = build_plan(settings, shm, slot)
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         worker = core.Worker(plan, shm.buf, shm.slot_offset(slot), loop)

@@ -1,0 +1,38 @@
+"""What the API handlers of one worker share: settings, the store, derived limits.
+
+Built once per worker process at start (after fork) by :func:`fastpath.api.routes.build_plan`;
+handler modules receive it in their ``routes(ctx)`` function and close over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastpath.settings import Settings
+from fastpath.store import Store
+
+
+@dataclass
+class ApiContext:
+    settings: Settings
+    store: Store
+    max_limit: int = 1000
+    disabled_extensions: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def create(cls, settings: Settings, store: Store) -> ApiContext:
+        disabled = frozenset(
+            x.strip() for x in settings["api.disabled_extensions"].split(",") if x.strip()
+        )
+        return cls(settings, store, settings["api.max_limit"], disabled)
+
+
+def open_store(settings: Settings, counters: tuple[object, int] | None = None) -> Store:
+    """The API store of ``settings["data_dir"]``, opened in this process."""
+    return Store.open(
+        settings["data_dir"],
+        map_size=min(settings["store.map_size"], settings["store.max_map_size"]),
+        max_map_size=settings["store.max_map_size"],
+        max_readers=settings["store.max_readers"],
+        counters=counters,
+    )
