@@ -35,6 +35,15 @@ cdef enum Kind:
     K_HEALTHZ = 4        # GET /healthz
 
 
+# Kinds of server view (fastpath.api.views.table SHOW..SUMMARY): index of the view plans.
+cdef enum ViewKind:
+    VK_SHOW = 0          # GET /servers/{id}
+    VK_DETAIL = 1        # each server of GET /servers/detail
+    VK_UPDATE = 2        # PUT /servers/{id}
+    VK_REBUILD = 3       # rebuild action (the caller adds adminPass)
+    VK_SUMMARY = 4       # each server of GET /servers
+
+
 cdef enum ConnState:
     S_IDLE = 0           # between requests (keep-alive timer runs)
     S_HEADERS = 1        # reading a request line and headers (header timer runs)

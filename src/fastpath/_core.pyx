@@ -12,6 +12,7 @@ attribute lookup.  The pieces, by concern:
 * ``http/router.pxi``       the compiled route tree
 * ``http/protocol.pxi``     the asyncio protocol (httptools callbacks, limits, pipelining)
 * ``http/handlers.pxi``     the handlers compiled in (version documents, health)
+* ``http/views.pxi``        server views assembled from pre-rendered fragment blobs
 """
 
 cimport cython
@@ -50,6 +51,7 @@ include "http/microversion.pxi"
 include "http/router.pxi"
 include "http/protocol.pxi"
 include "http/handlers.pxi"
+include "http/views.pxi"
 
 
 # --------------------------------------------------------------------------------------

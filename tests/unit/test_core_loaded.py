@@ -64,6 +64,8 @@ PUBLIC = {
     "Worker": "class", "Request": "class", "Route": "class", "RouteNode": "class",
     "HttpProtocol": "class",
     "make_request_id": "def", "mark_api_root": "def", "clock_skew": "def", "sum_counters": "def",
+    "views_configure": "def", "server_json": "def", "server_summary_json": "def",
+    "servers_json_join": "def",
 }
 
 
