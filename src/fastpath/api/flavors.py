@@ -1,0 +1,281 @@
+"""GET /flavors, /flavors/detail, /flavors/{id}, /flavors/{id}/os-extra_specs[/{key}]
+(nova/api/openstack/compute/flavors.py, views/flavors.py, flavors_extraspecs.py).
+
+The catalogue entry of a flavor (``Catalog.FLAVORS``, key = flavor id), a msgpack map:
+
+=============== ================ =====================================================
+field           type             Nova
+=============== ================ =====================================================
+``id``          str              flavorid
+``name``        str              name
+``vcpus``       int              vcpus
+``ram``         int              memory_mb
+``disk``        int              root_gb
+``ephemeral``   int              ephemeral_gb (OS-FLV-EXT-DATA:ephemeral)
+``swap``        int              swap (MB; 0 shows as "" before 2.75)
+``rxtx_factor`` float            rxtx_factor (until 2.101)
+``is_public``   bool             os-flavor-access:is_public
+``disabled``    bool             OS-FLV-DISABLED:disabled (until 2.101)
+``description`` str | None       description (2.55)
+``extra_specs`` dict[str, str]   extra_specs (2.61; os-extra_specs)
+``projects``    list[str]        flavor access: projects that see a private flavor
+``created_at``  int | None       (sort key) microseconds since the epoch
+``updated_at``  int | None       (sort key)
+=============== ================ =====================================================
+
+Missing optional fields take Nova's defaults (``FLAVOR_DEFAULTS``).  Visibility follows
+Nova's flavor queries: an admin sees every flavor; anyone else the public ones and the
+private ones their project was given access to (a flavor show or a marker outside that
+set is "not found").
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastpath.api import common as C
+from fastpath.api.context import ApiContext
+from fastpath.api.routes import API_ROOT, RouteSpec
+from fastpath.errors import BadRequest, NotFound
+from fastpath.store.reader import Reader
+
+FLAVOR_DEFAULTS: dict[str, Any] = {
+    "ephemeral": 0,
+    "swap": 0,
+    "rxtx_factor": 1.0,
+    "is_public": True,
+    "disabled": False,
+    "description": None,
+    "extra_specs": {},
+    "projects": [],
+    "created_at": None,
+    "updated_at": None,
+    "vcpu_weight": None,
+}
+
+SORT_KEYS = [
+    "created_at", "description", "disabled", "ephemeral_gb", "flavorid", "id",
+    "is_public", "memory_mb", "name", "root_gb", "rxtx_factor", "swap",
+    "updated_at", "vcpu_weight", "vcpus",
+]
+SORT_KEYS_V2102 = [k for k in SORT_KEYS if k != "rxtx_factor"]
+# Nova's column -> field of the catalogue entry.  ``id`` (Nova's integer primary key, the
+# tie-break of every sort) does not exist here: the flavor id stands in for it.
+_SORT_FIELD = {
+    "created_at": "created_at", "description": "description", "disabled": "disabled",
+    "ephemeral_gb": "ephemeral", "flavorid": "id", "id": "id", "is_public": "is_public",
+    "memory_mb": "ram", "name": "name", "root_gb": "disk", "rxtx_factor": "rxtx_factor",
+    "swap": "swap", "updated_at": "updated_at", "vcpu_weight": "vcpu_weight", "vcpus": "vcpus",
+}
+SORT_DIRS = ["asc", "desc"]
+
+
+def _schema(version: int) -> tuple[dict[str, C.Check], bool]:
+    schema: dict[str, C.Check] = {
+        "limit": C.NON_NEGATIVE_INT,
+        "marker": C.any_string,
+        "is_public": C.any_string,
+        "minRam": C.any_string,
+        "minDisk": C.any_string,
+        "sort_key": C.enum(SORT_KEYS_V2102 if version >= 102 else SORT_KEYS),
+        "sort_dir": C.enum(SORT_DIRS),
+    }
+    if version >= 102:
+        schema["name"] = C.any_string
+    return schema, version < 75
+
+
+def full(f: dict[str, Any]) -> dict[str, Any]:
+    return {**FLAVOR_DEFAULTS, **f}
+
+
+def visible(f: dict[str, Any], project: str | None, is_admin: bool) -> bool:
+    return is_admin or bool(f["is_public"]) or (project is not None and project in f["projects"])
+
+
+def get_visible(r: Reader, flavor_id: str, project: str | None, is_admin: bool) -> dict[str, Any]:
+    raw = r.flavor(flavor_id)
+    f = full(raw) if raw is not None else None
+    if f is None or not visible(f, project, is_admin):
+        raise NotFound(f"Flavor {flavor_id} could not be found.")
+    return f
+
+
+def show_view(f: dict[str, Any], version: int, links: C.Links) -> dict[str, Any]:
+    """Nova's flavor view (show and detail) at ``version``."""
+    swap = f["swap"]
+    d: dict[str, Any] = {
+        "id": f["id"],
+        "name": f["name"],
+        "ram": f["ram"],
+        "disk": f["disk"],
+        "swap": (swap or 0) if version >= 75 else (swap or ""),
+        "OS-FLV-EXT-DATA:ephemeral": f["ephemeral"],
+    }
+    if version < 102:
+        d["OS-FLV-DISABLED:disabled"] = f["disabled"]
+    d["vcpus"] = f["vcpus"]
+    d["os-flavor-access:is_public"] = f["is_public"]
+    if version < 102:
+        d["rxtx_factor"] = f["rxtx_factor"] or ""
+    d["links"] = links.pair("flavors", f["id"])
+    if version >= 55:
+        d["description"] = f["description"]
+    # 2.61: extra specs in the flavor, for whom the os-flavor-extra-specs:index policy
+    # allows (PROJECT_READER_OR_ADMIN: every authenticated user here).
+    if version >= 61:
+        d["extra_specs"] = f["extra_specs"]
+    return d
+
+
+def basic_view(f: dict[str, Any], version: int, links: C.Links) -> dict[str, Any]:
+    d: dict[str, Any] = {"id": f["id"], "name": f["name"], "links": links.pair("flavors", f["id"])}
+    if version >= 55:
+        d["description"] = f["description"]
+    return d
+
+
+def _parse_is_public(v: str | None) -> bool | None:
+    if v is None:
+        return True
+    if v.strip().lower() == "none":
+        return None
+    try:
+        return C.bool_from_string(v, strict=True)
+    except ValueError:
+        raise BadRequest(f"Invalid is_public filter [{v}]") from None
+
+
+def _sort_value(f: dict[str, Any], field: str) -> tuple[Any, ...]:
+    v = f.get(field)
+    # SQL orders NULL first ascending; bools and numbers compare as numbers.
+    return (v is not None, v if v is not None else 0)
+
+
+def list_flavors(req: Any, r: Reader, ctx: ApiContext) -> tuple[C.Query, list[dict[str, Any]]]:
+    """Nova's ``_get_flavors``: filters, sort, marker and limit."""
+    version = req.version
+    q = C.Query.of(req)
+    schema, additional = _schema(version)
+    C.validate(q, schema, additional)
+    sort_key = q.get("sort_key") or "flavorid"
+    sort_dir = q.get("sort_dir") or "asc"
+    limit, marker = C.limit_and_marker(q, ctx.max_limit)
+    is_admin, project = req.is_admin, req.project
+
+    if is_admin:
+        is_public = _parse_is_public(q.get("is_public"))
+        disabled_ok = True
+    else:
+        is_public, disabled_ok = True, False
+    min_ram = min_disk = None
+    if "minRam" in q:
+        v = q.get("minRam") or ""
+        try:
+            min_ram = int(v)
+        except ValueError:
+            raise BadRequest(f"Invalid minRam filter [{v}]") from None
+    if "minDisk" in q:
+        v = q.get("minDisk") or ""
+        try:
+            min_disk = int(v)
+        except ValueError:
+            raise BadRequest(f"Invalid minDisk filter [{v}]") from None
+    name_re = None
+    if version >= 102 and "name" in q:
+        pattern = q.get("name") or ""
+        try:
+            name_re = re.compile(pattern)
+        except re.error:
+            name_re = re.compile(re.escape(pattern))
+
+    every = [full(f) for f in r.flavors()]
+    seen = [f for f in every if visible(f, project, is_admin)]
+
+    def keep(f: dict[str, Any]) -> bool:
+        if min_ram is not None and f["ram"] < min_ram:
+            return False
+        if min_disk is not None and f["disk"] < min_disk:
+            return False
+        if not disabled_ok and f["disabled"]:
+            return False
+        if name_re is not None and name_re.search(f["name"]) is None:
+            return False
+        if is_public is not None:
+            if is_public:
+                if not (f["is_public"] or (project is not None and project in f["projects"])):
+                    return False
+            elif f["is_public"]:
+                return False
+        return True
+
+    field = _SORT_FIELD[sort_key]
+
+    def key(f: dict[str, Any]) -> tuple[Any, ...]:
+        return (_sort_value(f, field), f["id"])
+
+    reverse = sort_dir == "desc"
+    items = sorted((f for f in seen if keep(f)), key=key, reverse=reverse)
+    if marker is not None:
+        m = next((f for f in seen if f["id"] == marker), None)
+        if m is None:
+            raise BadRequest(f"marker [{marker}] not found")
+        mk = key(m)
+        items = [f for f in items if (key(f) < mk if reverse else key(f) > mk)]
+    return q, items[:limit]
+
+
+def routes(ctx: ApiContext) -> list[RouteSpec]:
+    base = API_ROOT + "/flavors"
+
+    def index(req: Any, r: Reader) -> tuple[int, bytes]:
+        q, items = list_flavors(req, r, ctx)
+        links = C.Links(req)
+        body: dict[str, Any] = {"flavors": [basic_view(f, req.version, links) for f in items]}
+        nxt = C.collection_links(q, links, ctx.max_limit, len(items), "flavors",
+                                 items[-1]["id"] if items else None)
+        if nxt:
+            body["flavors_links"] = nxt
+        return 200, C.dumps(body)
+
+    def detail(req: Any, r: Reader) -> tuple[int, bytes]:
+        q, items = list_flavors(req, r, ctx)
+        links = C.Links(req)
+        body: dict[str, Any] = {"flavors": [show_view(f, req.version, links) for f in items]}
+        nxt = C.collection_links(q, links, ctx.max_limit, len(items), "flavors/detail",
+                                 items[-1]["id"] if items else None)
+        if nxt:
+            body["flavors_links"] = nxt
+        return 200, C.dumps(body)
+
+    def strict_from_2102(req: Any) -> None:
+        # show_query_v2102 (and the extra specs' query schemas): no parameters from 2.102.
+        if req.version >= 102:
+            C.validate(C.Query.of(req), {}, False)
+
+    def show(req: Any, r: Reader) -> tuple[int, bytes]:
+        strict_from_2102(req)
+        f = get_visible(r, req.params[0], req.project, req.is_admin)
+        return 200, C.dumps({"flavor": show_view(f, req.version, C.Links(req))})
+
+    def extra_specs(req: Any, r: Reader) -> tuple[int, bytes]:
+        strict_from_2102(req)
+        f = get_visible(r, req.params[0], req.project, req.is_admin)
+        return 200, C.dumps({"extra_specs": f["extra_specs"]})
+
+    def extra_spec(req: Any, r: Reader) -> tuple[int, bytes]:
+        strict_from_2102(req)
+        flavor_id, key = req.params
+        f = get_visible(r, flavor_id, req.project, req.is_admin)
+        if key not in f["extra_specs"]:
+            raise NotFound(f"Flavor {flavor_id} has no extra specs with key {key}.")
+        return 200, C.dumps({key: f["extra_specs"][key]})
+
+    return [
+        RouteSpec("GET", base, C.read_route(ctx, index)),
+        RouteSpec("GET", base + "/detail", C.read_route(ctx, detail)),
+        RouteSpec("GET", base + "/{flavor_id}", C.read_route(ctx, show)),
+        RouteSpec("GET", base + "/{flavor_id}/os-extra_specs", C.read_route(ctx, extra_specs)),
+        RouteSpec("GET", base + "/{flavor_id}/os-extra_specs/{key}", C.read_route(ctx, extra_spec)),
+    ]
