@@ -78,17 +78,17 @@ cdef inline uint32_t _u32le(const unsigned char* p) noexcept nogil:
     return p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
 
 
-cdef inline char* _vbuf_reserve(Py_ssize_t need) except NULL:
-    """``_vbuf`` with room for ``need`` bytes (content kept)."""
+cdef inline bint _vbuf_reserve(Py_ssize_t need) noexcept:
+    """Grow ``_vbuf`` to hold ``need`` bytes (content kept); False when out of memory."""
     global _vbuf, _vcap
     cdef char* p
     if need > _vcap:
         p = <char*>realloc(_vbuf, need + (need >> 1) + 4096)
         if p == NULL:
-            raise MemoryError()
+            return False
         _vbuf = p
         _vcap = need + (need >> 1) + 4096
-    return _vbuf
+    return True
 
 
 cdef int _set_prefixes(bytes base_url, bytes link_project, bytes root) except -1:
@@ -215,15 +215,22 @@ cdef Py_ssize_t _append_view(Py_ssize_t pos, object blob, const uint16_t* plan,
         release = True
         b = <const unsigned char*>view.buf
         blen = view.len
-    try:
-        bound = _blob_bound(b, blen)
-        if bound < 0 or not _offsets_ok(b, plan, n):
-            raise ValueError("not a server view blob of this table (re-render the views)")
-        _vbuf_reserve(pos + bound)
-        return pos + _view_write(_vbuf + pos, b, plan, n)
-    finally:
-        if release:
-            PyBuffer_Release(&view)
+    # No try/finally: nothing below raises before the buffer is released.
+    bound = _blob_bound(b, blen)
+    if bound >= 0 and _offsets_ok(b, plan, n):
+        if _vbuf_reserve(pos + bound):
+            pos += _view_write(_vbuf + pos, b, plan, n)
+        else:
+            bound = -2
+    else:
+        bound = -1
+    if release:
+        PyBuffer_Release(&view)
+    if bound == -2:
+        raise MemoryError()
+    if bound == -1:
+        raise ValueError("not a server view blob of this table (re-render the views)")
+    return pos
 
 
 cdef bytes view_json(object blob, int kind, int version, bint is_admin, bytes base_url,
@@ -255,7 +262,8 @@ def servers_json_join(list blobs, int version, bint is_admin, bytes base_url, bi
     _set_prefixes(base_url, link_project, root)
     for i in range(len(blobs)):
         if i:
-            _vbuf_reserve(pos + 2)
+            if not _vbuf_reserve(pos + 2):
+                raise MemoryError()
             _vbuf[pos] = b','
             _vbuf[pos + 1] = b' '
             pos += 2
