@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -134,7 +134,7 @@ def enum(values: Sequence[str]) -> Check:
     return check
 
 
-def validate(q: Query, schema: dict[str, Check], additional: bool,
+def validate(q: Query, schema: Mapping[str, Check], additional: bool,
              patterns: Iterable[str] = ()) -> None:
     """Nova's ``validation.query_schema``: each value of each known parameter is checked
     (400 ``Invalid input for query parameters ...``); unknown parameters are refused when
