@@ -446,7 +446,7 @@ class IndexEntry(NamedTuple):
     key_name: str | None
     hostname: str | None
     tags: list[str]
-    ips: list[str]  # every address of every network (filters ip / ip6)
+    ips: list[str]  # every fixed address of every network (filters ip / ip6)
     launched_at: int | None
     terminated_at: int | None
     config_drive: str
@@ -462,7 +462,9 @@ INDEX_FIELDS: tuple[str, ...] = IndexEntry._fields
 def index_entry(rec: Mapping[str, Any], deleted: bool = False) -> IndexEntry:
     flavor = rec["flavor"]
     image = rec["image"]
-    ips = [a["addr"] for entries in rec["addresses"].values() for a in entries]
+    # Fixed addresses only: Nova's ip/ip6 filters match a server's fixed IPs, not its
+    # floating ones (compute.API._ip_filter; Neutron's ip_address_substr on ports).
+    ips = [a["addr"] for entries in rec["addresses"].values() for a in entries if a["type"] == "fixed"]
     return IndexEntry(
         rec["project_id"], rec["user_id"], rec["created_at"], rec["name"],
         "DELETED" if deleted else rec["status"], rec["vm_state"], rec["task_state"],
