@@ -8,11 +8,11 @@ Each resource lives in its own module (``flavors``, ``images``, ``keypairs``, ``
 
 from __future__ import annotations
 
-from fastpath.api import availability_zones, flavors, keypairs, limits
+from fastpath.api import availability_zones, flavors, images, keypairs, limits
 from fastpath.api.context import ApiContext
 from fastpath.api.routes import RouteSpec
 
 
 def routes(ctx: ApiContext) -> list[RouteSpec]:
     return [*flavors.routes(ctx), *limits.routes(ctx), *keypairs.routes(ctx),
-            *availability_zones.routes(ctx)]
+            *availability_zones.routes(ctx), *images.routes(ctx)]
