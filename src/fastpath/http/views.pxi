@@ -33,7 +33,7 @@ cdef Py_ssize_t _vself_len = 0
 cdef Py_ssize_t _vbook_len = 0
 
 
-def views_configure(int nfrag, int nkinds, int mvmax, bytes items, bytes index):
+def views_configure(int nfrag, int nkinds, int mvmax, bytes items not None, bytes index not None):
     """Install the view plans (fastpath.api.views.configure): ``items`` u16le fragment
     indexes, ``index`` u32le (start, length) pairs for kind, admin (0, 1), version 0..mvmax."""
     global _vp_items, _vp_index, _vp_nfrag, _vp_nkinds, _vp_mvmax
@@ -242,19 +242,19 @@ cdef bytes view_json(object blob, int kind, int version, bint is_admin, bytes ba
     return PyBytes_FromStringAndSize(_vbuf, end)
 
 
-def server_json(blob, int version, bint is_admin, bytes base_url,
+def server_json(blob, int version, bint is_admin, bytes base_url not None,
                 bytes link_project=b"", int kind=VK_SHOW, bytes root=b"/v2.1"):
     """The ``{...}`` of one server for a microversion minor and role (kind: 0 show,
     1 detail, 2 update, 3 rebuild, 4 index entry; fastpath.api.views)."""
     return view_json(blob, kind, version, is_admin, base_url, link_project, root)
 
 
-def server_summary_json(blob, bytes base_url, bytes link_project=b"", bytes root=b"/v2.1"):
+def server_summary_json(blob, bytes base_url not None, bytes link_project=b"", bytes root=b"/v2.1"):
     """The ``{"id", "links", "name"}`` of one server (GET /servers)."""
     return view_json(blob, VK_SUMMARY, MV_MIN, False, base_url, link_project, root)
 
 
-def servers_json_join(list blobs, int version, bint is_admin, bytes base_url, bint summary,
+def servers_json_join(list blobs not None, int version, bint is_admin, bytes base_url not None, bint summary,
                       bytes link_project=b"", bytes root=b"/v2.1"):
     """``obj, obj, ...`` for N servers (detail, or index with ``summary``) in one buffer."""
     cdef Py_ssize_t n, i, pos = 0
