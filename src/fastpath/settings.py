@@ -142,6 +142,21 @@ def _check_name(value: str) -> str | None:
     return None
 
 
+# Response extension groups that api.disabled_extensions may name (the views' table,
+# fastpath.api.views.table.GROUPS, is the source; a unit test keeps the two equal).
+EXTENSION_GROUPS: tuple[str, ...] = (
+    "OS-DCF", "OS-EXT-AZ", "OS-EXT-IPS", "OS-EXT-IPS-MAC", "OS-EXT-SRV-ATTR", "OS-EXT-STS",
+    "OS-SRV-USG", "os-config-drive", "os-extended-volumes", "os-keypairs", "os-security-groups",
+)
+
+
+def _check_extensions(value: str) -> str | None:
+    unknown = sorted({x.strip() for x in value.split(",") if x.strip()} - set(EXTENSION_GROUPS))
+    if unknown:
+        return f"unknown group(s) {', '.join(unknown)} (known: {', '.join(EXTENSION_GROUPS)})"
+    return None
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("data_dir", str, "./data", "Directory that holds the store and the run files."),
     Setting("bind", str, "127.0.0.1:8774", "Address to listen on, HOST:PORT.", check=_check_bind),
@@ -240,6 +255,7 @@ SETTINGS: tuple[Setting, ...] = (
         "api.disabled_extensions", str, "",
         "Comma-separated response extension groups left out of server views "
         "(e.g. 'OS-EXT-SRV-ATTR,OS-EXT-STS'); empty: all on, as Nova.",
+        check=_check_extensions,
     ),
     Setting(
         "log.level", str, "info", "Log level of every process.",

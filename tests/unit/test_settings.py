@@ -95,3 +95,12 @@ def test_settings_document_is_current() -> None:
     assert doc == settings.markdown()
     for s in settings.SETTINGS:
         assert f"`{s.name}`" in doc
+
+
+def test_extension_groups_match_the_views_table() -> None:
+    from fastpath.api.views import GROUPS
+
+    assert set(settings.EXTENSION_GROUPS) == set(GROUPS)
+    assert settings.load(None, {"api.disabled_extensions": "OS-EXT-STS, OS-DCF"})
+    with pytest.raises(SettingsError, match="api.disabled_extensions"):
+        settings.load(None, {"api.disabled_extensions": "OS-EXT-NOPE"})

@@ -150,6 +150,14 @@ def build_plan(
         counters = (shm.buf, shm.slot_offset(slot)) if shm is not None and slot is not None else None
         store = open_store(settings, counters)
     ctx = ApiContext.create(settings, store)
+    from fastpath.api import views
+
+    try:
+        views.configure(ctx.disabled_extensions)  # which fragments each view selects
+    except ValueError as exc:
+        from fastpath.errors import SettingsError
+
+        raise SettingsError(f"setting 'api.disabled_extensions': {exc}") from None
     routes: list[RouteSpec] = [
         RouteSpec("GET", "/", "core:versions", auth=False, versioned=False),
         RouteSpec("GET", "/v2/", "core:version_v2", auth=False, versioned=False),
