@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import uuid as uuidlib
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastpath.api import views
 from fastpath.store import Batch, Tombstone, Upsert
@@ -383,3 +385,35 @@ def test_legacy_project_url(srv: Server) -> None:
     href = r.json()["servers_links"][0]["href"]
     assert href.startswith(f"{BASE}/v2.1/{PROJECT}/servers?")
     assert r.json()["servers"][0]["links"][0]["href"] == f"{BASE}/v2.1/{PROJECT}/servers/{DEFAULT_ORDER[0]}"
+
+
+# -- fuzzing: no query string or path id makes a 500 -------------------------------------------
+
+_PARAMS = ["limit", "marker", "sort_key", "sort_dir", "name", "status", "changes-since",
+           "changes-before", "tags", "not-tags-any", "locked", "all_tenants", "ip", "host",
+           "deleted", "project_id", "uuid", "_x", "metadata", "flavor", "launch_index"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    pairs=st.lists(st.tuples(st.sampled_from(_PARAMS) | st.text(max_size=5),
+                             st.text(max_size=8) | st.sampled_from(["1", "-1", "asc", "2024-01-01"])),
+                   max_size=4),
+    version=st.integers(1, 104),
+    admin=st.booleans(),
+    detail=st.booleans(),
+)
+def test_fuzz_list_query(srv: Server, pairs: list[tuple[str, str]], version: int, admin: bool,
+                         detail: bool) -> None:
+    qs = urlencode(pairs)
+    path = "/servers/detail" if detail else "/servers"
+    r = get(srv, f"{path}?{qs}", token=ADMIN_TOKEN if admin else None, version=f"2.{version}")
+    assert r.status in (200, 400, 403), (qs, r.status, r.body)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ident=st.text(min_size=1, max_size=40), sub=st.sampled_from(
+    ["", "/ips", "/ips/private", "/metadata", "/metadata/role", "/tags", "/tags/x"]))
+def test_fuzz_server_id(srv: Server, ident: str, sub: str) -> None:
+    r = get(srv, f"/servers/{quote(ident, safe='')}{sub}", version="2.26")
+    assert r.status in (200, 204, 400, 404), (ident, r.status, r.body)
