@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 HOST = "127.0.0.1"
@@ -58,6 +58,12 @@ class Scenario:
     path: str
     headers: tuple[str, ...] = ()
     file: str = ""  # the body file nginx serves for ``path``
+    seeded: bool = False  # reads the store: the data dir is seeded first (--servers)
+
+    @property
+    def location(self) -> str:
+        """The path nginx matches (``location = ...`` ignores the query string)."""
+        return self.path.partition("?")[0]
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -72,7 +78,21 @@ SCENARIOS: dict[str, Scenario] = {
         file="v21.json",
     ),
 }
+# The read API on a seeded store.  ``{server_id}``, ``{token}`` and ``{mv}`` are filled in
+# after seeding (see seed_store): show asks for one server, always the same one (wrk sends
+# one URL; nginx would need a file per id to rotate).
+_READ_HEADERS = ("X-Auth-Token: {token}", "OpenStack-API-Version: compute {mv}")
+for _name, _title, _path in (
+    ("server-show", "GET /servers/{id}", "/v2.1/servers/{server_id}"),
+    ("servers-detail", "GET /servers/detail?limit=100", "/v2.1/servers/detail?limit=100"),
+    ("servers-list", "GET /servers?limit=100", "/v2.1/servers?limit=100"),
+    ("flavors-detail", "GET /flavors/detail", "/v2.1/flavors/detail"),
+):
+    SCENARIOS[_name] = Scenario(
+        _name, _title, _path, _READ_HEADERS, file=f"{_name}.json", seeded=True
+    )
 DEFAULT_SCENARIOS = "v21,healthz"
+READ_MICROVERSION = "2.104"
 
 # wrk's done() hook: one parseable line (latencies in microseconds).
 WRK_LUA = r"""
@@ -119,14 +139,108 @@ http {{
 """
 
 
+def unique_locations(scenarios: list[Scenario], bodies: dict[str, bytes]) -> list[Scenario]:
+    """One scenario per nginx location; two scenarios on one location must share a body
+    (nginx ignores the query string: ``?limit=100`` and no limit cannot both be served)."""
+    by_loc: dict[str, Scenario] = {}
+    for sc in scenarios:
+        other = by_loc.setdefault(sc.location, sc)
+        if bodies[other.file] != bodies[sc.file]:
+            raise RuntimeError(
+                f"{sc.title} and {other.title} share nginx location {sc.location} "
+                "but not their body: run them separately"
+            )
+    return list(by_loc.values())
+
+
 def nginx_location(sc: Scenario, www: str, body: bytes, mode: str) -> str:
     if mode == "file":
-        return f"        location = {sc.path} {{ root {www}; try_files /{sc.file} =404; }}"
+        return f"        location = {sc.location} {{ root {www}; try_files /{sc.file} =404; }}"
     text = body.decode("utf-8")
     if "$" in text or "\n" in text:
         raise RuntimeError(f"--nginx-mode return cannot carry the body of {sc.title} ('$'/newline)")
     quoted = text.replace("\\", "\\\\").replace("'", "\\'")
-    return f"        location = {sc.path} {{ return 200 '{quoted}'; }}"
+    return f"        location = {sc.location} {{ return 200 '{quoted}'; }}"
+
+
+# -- the store -----------------------------------------------------------------------------
+
+SEED_PROJECT = "6f70656e737461636b20342065766572"  # the project the read scenarios ask as
+# Nova's classic public flavors, with the extra specs a real cloud carries.
+SEED_FLAVORS = [
+    ("1", "m1.tiny", 1, 512, 1),
+    ("2", "m1.small", 1, 2048, 20),
+    ("3", "m1.medium", 2, 4096, 40),
+    ("4", "m1.large", 4, 8192, 80),
+    ("5", "m1.xlarge", 8, 16384, 160),
+    ("6", "c1.2xlarge", 16, 32768, 160),
+]
+
+
+def seed_store(data_dir: str, servers: int, projects: int) -> dict[str, Any]:
+    """Fill ``data_dir`` in this process, then close the store (fastpath opens it after):
+    ``servers`` sample servers, round-robin over ``projects`` projects (the first is
+    SEED_PROJECT), rendered with ``views.render_server`` as cellsync would, and
+    SEED_FLAVORS.  Returns what the read scenarios need: the show id (the newest server of
+    SEED_PROJECT: the first of its list) and the counts."""
+    from fastpath.api import views
+    from fastpath.store import Batch, Store, Upsert
+    from fastpath.store.changes import Catalog, CatalogPut
+    from fastpath.store.samples import EPOCH_2024, sample_record
+
+    def uuid_of(i: int) -> str:
+        h = f"{0xFA57 << 112 | i:032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+    t0 = time.monotonic()
+    flavors = [
+        CatalogPut(Catalog.FLAVORS, fid, {
+            "id": fid, "name": name, "vcpus": vcpus, "ram": ram, "disk": disk,
+            "ephemeral": 0, "swap": 0, "rxtx_factor": 1.0, "is_public": True,
+            "disabled": False, "description": None,
+            "extra_specs": {"hw:cpu_policy": "shared", "hw_rng:allowed": "True"},
+        })
+        for fid, name, vcpus, ram, disk in SEED_FLAVORS
+    ]
+    # ~12 KB per server (record, index entries, view blob) plus room: the map grows anyway.
+    store = Store.open(data_dir, map_size=max(1 << 26, servers * 32 * 1024))
+    newest = ""
+    try:
+        chunk = 2000
+        for start in range(0, max(servers, 1), chunk):
+            ups = []
+            for i in range(start, min(start + chunk, servers)):
+                rec = sample_record(
+                    uuid_of(i), 1, project_id=SEED_PROJECT if i % projects == 0
+                    else f"project-{i % projects:04d}",
+                    created_at=EPOCH_2024 + i * 1_000_000, seed=i, name=f"vm-{i:07d}",
+                )
+                if i % projects == 0:
+                    newest = rec["uuid"]  # created_at grows with i
+                ups.append(Upsert(rec["uuid"], 1, rec))
+            store.apply(
+                Batch(ups, catalog=flavors if start == 0 else ()), render=views.render_server
+            )
+    finally:
+        store.close()
+    return {
+        "servers": servers,
+        "projects": projects,
+        "project": SEED_PROJECT,
+        "show_id": newest,
+        "seconds": round(time.monotonic() - t0, 2),
+    }
+
+
+def bind_scenario(sc: Scenario, seed: dict[str, Any]) -> Scenario:
+    """Fill the placeholders of a read scenario from what seeding wrote."""
+    if not sc.seeded:
+        return sc
+    fill = {"server_id": seed["show_id"], "token": f"fake:{seed['project']}",
+            "mv": READ_MICROVERSION}
+    return replace(
+        sc, path=sc.path.format(**fill), headers=tuple(h.format(**fill) for h in sc.headers)
+    )
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -486,6 +600,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="fastpath,nginx",
         help="comma-separated subset of fastpath,nginx (default both)",
     )
+    p.add_argument(
+        "--servers",
+        type=int,
+        default=1000,
+        help="servers seeded into fastpath's data dir before it starts, when a read "
+        "scenario is selected (default 1000)",
+    )
+    p.add_argument(
+        "--projects",
+        type=int,
+        default=1,
+        help="projects the seeded servers are spread over, round-robin; the read scenarios "
+        "ask as the first (default 1)",
+    )
     p.add_argument("--json", metavar="FILE", help="write every run and the summary as JSON")
     p.add_argument(
         "--fastpath-cmd",
@@ -520,6 +648,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--targets: fastpath and/or nginx")
     if args.workers < 1 or args.rounds < 1 or args.duration <= 0 or args.connections < 1:
         p.error("--workers, --rounds, --duration and --connections must be positive")
+    if args.servers < 1 or args.projects < 1:
+        p.error("--servers and --projects must be positive")
     return args
 
 
@@ -595,6 +725,16 @@ def _bench(
     # fastpath
     data_dir = os.path.join(tmp, "data")
     os.makedirs(data_dir)
+    seed: dict[str, Any] = {}
+    if any(sc.seeded for sc in scenarios):
+        seed = seed_store(data_dir, args.servers, args.projects)
+        print(
+            f"seeded:   {seed['servers']} servers over {seed['projects']} project(s) and "
+            f"{len(SEED_FLAVORS)} flavors in {seed['seconds']:.1f}s; read scenarios ask as "
+            f"project {seed['project']}, show asks for {seed['show_id']}",
+            flush=True,
+        )
+        scenarios = [bind_scenario(sc, seed) for sc in scenarios]
     fp_argv = [
         *shlex.split(args.fastpath_cmd),
         "serve",
@@ -630,7 +770,7 @@ def _bench(
         os.makedirs(os.path.join(prefix, "tmp"))
         locations = "\n".join(
             nginx_location(sc, www, bodies[sc.file], args.nginx_mode)
-            for sc in {sc.path: sc for sc in scenarios}.values()
+            for sc in unique_locations(scenarios, bodies)
         )
         conf = NGINX_CONF.format(
             workers=args.workers, prefix=prefix, host=HOST, port=ng_port, locations=locations
@@ -777,10 +917,13 @@ def _bench(
                     "warmup",
                     "scenarios",
                     "targets",
+                    "servers",
+                    "projects",
                 )
             },
             "machine": machine,
             "bodies": {sc.name: len(bodies[sc.file]) for sc in scenarios},
+            "seed": seed,
             "results": results,
             "runs": [r.__dict__ for r in runs],
         }
