@@ -53,6 +53,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status_main(settings["data_dir"], as_json=args.json)
 
 
+def cmd_seed(args: argparse.Namespace) -> int:
+    from fastpath.seed import seed_main
+
+    settings, _ = _settings_from_args(args)
+    if args.servers < 0 or args.projects < 1:
+        raise SettingsError("seed: --servers must be >= 0 and --projects >= 1")
+    return seed_main(settings["data_dir"], args.servers, args.projects, args.seed, args.jobs,
+                     settings)
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     from fastpath import settings as settings_mod
 
@@ -92,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--json", action="store_true", help="print a JSON list of process objects")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "seed", help="fill a data dir with a realistic catalogue and N servers (idempotent)"
+    )
+    common(p)
+    p.add_argument("--servers", type=int, default=1000, metavar="N", help="servers (default 1000)")
+    p.add_argument("--projects", type=int, default=10, metavar="P",
+                   help="projects the servers are spread over (default 10)")
+    p.add_argument("--seed", type=int, default=1, help="varies the generated ids (default 1)")
+    p.add_argument("--jobs", type=int, default=0, metavar="J",
+                   help="rendering processes (default: one per core)")
+    p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("settings", help="print the effective settings, or their documentation")
     common(p, serve=True)
