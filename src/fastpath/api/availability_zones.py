@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastpath.api import common as C
+from fastpath.api import query as Q
 from fastpath.api.context import ApiContext
 from fastpath.api.routes import API_ROOT, RouteSpec
 from fastpath.store.reader import Reader
@@ -43,7 +44,7 @@ def _hosts(z: dict[str, Any]) -> dict[str, Any]:
 
 def routes(ctx: ApiContext) -> list[RouteSpec]:
     def index(req: Any, r: Reader) -> tuple[int, bytes]:
-        C.validate(C.Query.of(req), {}, req.version < 102)
+        Q.strict(req)
         up, down = _zones(r)
         info = [
             {"zoneName": z["name"], "zoneState": {"available": avail}, "hosts": None}
@@ -54,7 +55,7 @@ def routes(ctx: ApiContext) -> list[RouteSpec]:
         return 200, C.dumps({"availabilityZoneInfo": info})
 
     def detail(req: Any, r: Reader) -> tuple[int, bytes]:
-        C.validate(C.Query.of(req), {}, req.version < 102)
+        Q.strict(req)
         if not req.is_admin:
             raise C.forbidden("os_compute_api:os-availability-zone:detail")
         up, down = _zones(r)

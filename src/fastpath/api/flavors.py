@@ -35,6 +35,8 @@ import re
 from typing import Any
 
 from fastpath.api import common as C
+from fastpath.api import links as L
+from fastpath.api import query as Q
 from fastpath.api.context import ApiContext
 from fastpath.api.routes import API_ROOT, RouteSpec
 from fastpath.errors import BadRequest, NotFound
@@ -71,18 +73,18 @@ _SORT_FIELD = {
 SORT_DIRS = ["asc", "desc"]
 
 
-def _schema(version: int) -> tuple[dict[str, C.Check], bool]:
-    schema: dict[str, C.Check] = {
-        "limit": C.NON_NEGATIVE_INT,
-        "marker": C.any_string,
-        "is_public": C.any_string,
-        "minRam": C.any_string,
-        "minDisk": C.any_string,
-        "sort_key": C.enum(SORT_KEYS_V2102 if version >= 102 else SORT_KEYS),
-        "sort_dir": C.enum(SORT_DIRS),
+def _schema(version: int) -> tuple[dict[str, Q.Check], bool]:
+    schema: dict[str, Q.Check] = {
+        "limit": Q.NON_NEGATIVE_INT,
+        "marker": Q.any_string,
+        "is_public": Q.any_string,
+        "minRam": Q.any_string,
+        "minDisk": Q.any_string,
+        "sort_key": Q.enum(SORT_KEYS_V2102 if version >= 102 else SORT_KEYS),
+        "sort_dir": Q.enum(SORT_DIRS),
     }
     if version >= 102:
-        schema["name"] = C.any_string
+        schema["name"] = Q.any_string
     return schema, version < 75
 
 
@@ -102,7 +104,7 @@ def get_visible(r: Reader, flavor_id: str, project: str | None, is_admin: bool) 
     return f
 
 
-def show_view(f: dict[str, Any], version: int, links: C.Links) -> dict[str, Any]:
+def show_view(f: dict[str, Any], version: int, links: L.Links) -> dict[str, Any]:
     """Nova's flavor view (show and detail) at ``version``."""
     swap = f["swap"]
     d: dict[str, Any] = {
@@ -129,7 +131,7 @@ def show_view(f: dict[str, Any], version: int, links: C.Links) -> dict[str, Any]
     return d
 
 
-def basic_view(f: dict[str, Any], version: int, links: C.Links) -> dict[str, Any]:
+def basic_view(f: dict[str, Any], version: int, links: L.Links) -> dict[str, Any]:
     d: dict[str, Any] = {"id": f["id"], "name": f["name"], "links": links.pair("flavors", f["id"])}
     if version >= 55:
         d["description"] = f["description"]
@@ -142,7 +144,7 @@ def _parse_is_public(v: str | None) -> bool | None:
     if v.strip().lower() == "none":
         return None
     try:
-        return C.bool_from_string(v, strict=True)
+        return Q.bool_from_string(v, strict=True)
     except ValueError:
         raise BadRequest(f"Invalid is_public filter [{v}]") from None
 
@@ -153,15 +155,14 @@ def _sort_value(f: dict[str, Any], field: str) -> tuple[Any, ...]:
     return (v is not None, v if v is not None else 0)
 
 
-def list_flavors(req: Any, r: Reader, ctx: ApiContext) -> tuple[C.Query, list[dict[str, Any]]]:
+def list_flavors(req: Any, r: Reader, ctx: ApiContext) -> tuple[Q.Query, list[dict[str, Any]]]:
     """Nova's ``_get_flavors``: filters, sort, marker and limit."""
     version = req.version
-    q = C.Query.of(req)
     schema, additional = _schema(version)
-    C.validate(q, schema, additional)
+    q = Q.validate(Q.Query.of(req), schema, additional)
     sort_key = q.get("sort_key") or "flavorid"
     sort_dir = q.get("sort_dir") or "asc"
-    limit, marker = C.limit_and_marker(q, ctx.max_limit)
+    limit, marker = Q.limit_and_marker(q, ctx.max_limit)
     is_admin, project = req.is_admin, req.project
 
     if is_admin:
@@ -169,19 +170,8 @@ def list_flavors(req: Any, r: Reader, ctx: ApiContext) -> tuple[C.Query, list[di
         disabled_ok = True
     else:
         is_public, disabled_ok = True, False
-    min_ram = min_disk = None
-    if "minRam" in q:
-        v = q.get("minRam") or ""
-        try:
-            min_ram = int(v)
-        except ValueError:
-            raise BadRequest(f"Invalid minRam filter [{v}]") from None
-    if "minDisk" in q:
-        v = q.get("minDisk") or ""
-        try:
-            min_disk = int(v)
-        except ValueError:
-            raise BadRequest(f"Invalid minDisk filter [{v}]") from None
+    min_ram = Q.int_filter(q, "minRam")
+    min_disk = Q.int_filter(q, "minDisk")
     name_re = None
     if version >= 102 and "name" in q:
         pattern = q.get("name") or ""
@@ -229,43 +219,40 @@ def list_flavors(req: Any, r: Reader, ctx: ApiContext) -> tuple[C.Query, list[di
 def routes(ctx: ApiContext) -> list[RouteSpec]:
     base = API_ROOT + "/flavors"
 
-    def index(req: Any, r: Reader) -> tuple[int, bytes]:
+    def _list(req: Any, r: Reader, detail: bool) -> tuple[int, bytes]:
         q, items = list_flavors(req, r, ctx)
-        links = C.Links(req)
-        body: dict[str, Any] = {"flavors": [basic_view(f, req.version, links) for f in items]}
-        nxt = C.collection_links(q, links, ctx.max_limit, len(items), "flavors",
+        links = L.Links(req)
+        if detail:
+            flavors = [show_view(f, req.version, links) for f in items]
+        else:
+            flavors = [basic_view(f, req.version, links) for f in items]
+        body: dict[str, Any] = {"flavors": flavors}
+        nxt = L.collection_links(q, links, ctx.max_limit, len(items),
+                                 "flavors/detail" if detail else "flavors",
                                  items[-1]["id"] if items else None)
         if nxt:
             body["flavors_links"] = nxt
         return 200, C.dumps(body)
+
+    def index(req: Any, r: Reader) -> tuple[int, bytes]:
+        return _list(req, r, False)
 
     def detail(req: Any, r: Reader) -> tuple[int, bytes]:
-        q, items = list_flavors(req, r, ctx)
-        links = C.Links(req)
-        body: dict[str, Any] = {"flavors": [show_view(f, req.version, links) for f in items]}
-        nxt = C.collection_links(q, links, ctx.max_limit, len(items), "flavors/detail",
-                                 items[-1]["id"] if items else None)
-        if nxt:
-            body["flavors_links"] = nxt
-        return 200, C.dumps(body)
-
-    def strict_from_2102(req: Any) -> None:
-        # show_query_v2102 (and the extra specs' query schemas): no parameters from 2.102.
-        if req.version >= 102:
-            C.validate(C.Query.of(req), {}, False)
+        return _list(req, r, True)
 
     def show(req: Any, r: Reader) -> tuple[int, bytes]:
-        strict_from_2102(req)
+        # show_query_v2102 (and the extra specs' query schemas): no parameters from 2.102.
+        Q.strict(req)
         f = get_visible(r, req.params[0], req.project, req.is_admin)
-        return 200, C.dumps({"flavor": show_view(f, req.version, C.Links(req))})
+        return 200, C.dumps({"flavor": show_view(f, req.version, L.Links(req))})
 
     def extra_specs(req: Any, r: Reader) -> tuple[int, bytes]:
-        strict_from_2102(req)
+        Q.strict(req)
         f = get_visible(r, req.params[0], req.project, req.is_admin)
         return 200, C.dumps({"extra_specs": f["extra_specs"]})
 
     def extra_spec(req: Any, r: Reader) -> tuple[int, bytes]:
-        strict_from_2102(req)
+        Q.strict(req)
         flavor_id, key = req.params
         f = get_visible(r, flavor_id, req.project, req.is_admin)
         if key not in f["extra_specs"]:

@@ -13,11 +13,12 @@ default order, newest first (created_at desc, id desc).
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 from urllib.parse import urlsplit
 
 from fastpath.api import common as C
+from fastpath.api import links as L
+from fastpath.api import query as Q
 from fastpath.api.context import ApiContext
 from fastpath.api.routes import API_ROOT, RouteSpec
 from fastpath.errors import BadRequest, NotFound
@@ -31,11 +32,11 @@ _STATUS = {"active": "ACTIVE", "queued": "SAVING", "saving": "SAVING", "deleted"
 _PROGRESS = {"queued": 25, "saving": 50, "active": 100}
 
 # Nova's images index_query: these are not validated, only the paging integers are.
-_SCHEMA: dict[str, C.Check] = {
-    "name": C.any_string, "status": C.any_string, "changes-since": C.any_string,
-    "server": C.any_string, "type": C.any_string, "minRam": C.any_string,
-    "minDisk": C.any_string, "limit": C.POSITIVE_INT, "page_size": C.POSITIVE_INT,
-    "marker": C.any_string, "offset": C.POSITIVE_INT,
+_SCHEMA: dict[str, Q.Check] = {
+    "name": Q.any_string, "status": Q.any_string, "changes-since": Q.any_string,
+    "server": Q.any_string, "type": Q.any_string, "minRam": Q.any_string,
+    "minDisk": Q.any_string, "limit": Q.POSITIVE_INT, "page_size": Q.POSITIVE_INT,
+    "marker": Q.any_string, "offset": Q.POSITIVE_INT,
 }
 
 
@@ -55,17 +56,17 @@ def _visible(img: dict[str, Any], project: str | None, is_admin: bool) -> bool:
     return project is not None and (img.get("owner") == project or project in img.get("members", ()))
 
 
-def _links(links: C.Links, glance: str, image_id: str) -> list[dict[str, str]]:
+def _links(links: L.Links, glance: str, image_id: str) -> list[dict[str, str]]:
     return [*links.pair("images", image_id),
             {"href": f"{glance}/images/{image_id}", "rel": "alternate",
              "type": "application/vnd.openstack.image"}]
 
 
-def basic_view(img: dict[str, Any], links: C.Links, glance: str) -> dict[str, Any]:
+def basic_view(img: dict[str, Any], links: L.Links, glance: str) -> dict[str, Any]:
     return {"id": img["id"], "name": img.get("name"), "links": _links(links, glance, img["id"])}
 
 
-def show_view(img: dict[str, Any], links: C.Links, glance: str) -> dict[str, Any]:
+def show_view(img: dict[str, Any], links: L.Links, glance: str) -> dict[str, Any]:
     status = img.get("status")
     props = img.get("properties") or {}
     d: dict[str, Any] = {
@@ -86,40 +87,28 @@ def show_view(img: dict[str, Any], links: C.Links, glance: str) -> dict[str, Any
         d["server"] = {"id": server, "links": links.pair("servers", server)}
     adc = props.get("auto_disk_config")
     if adc is not None:
-        d["OS-DCF:diskConfig"] = "AUTO" if C.bool_from_string(str(adc)) else "MANUAL"
+        d["OS-DCF:diskConfig"] = "AUTO" if Q.bool_from_string(str(adc)) else "MANUAL"
     return d
 
 
-def _parse_time(v: str) -> int:
-    try:
-        t = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadRequest(f"Invalid changes-since value: {v}") from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return int(t.timestamp() * 1_000_000)
-
-
-def _int_filter(name: str, v: str) -> int:
-    try:
-        return int(v)
-    except ValueError:
-        raise BadRequest(f"Invalid {name} filter [{v}]") from None
-
-
-def list_images(req: Any, r: Reader, ctx: ApiContext) -> tuple[C.Query, list[dict[str, Any]]]:
-    q = C.Query.of(req)
-    C.validate(q, _SCHEMA, True)
+def list_images(req: Any, r: Reader, ctx: ApiContext) -> tuple[Q.Query, list[dict[str, Any]]]:
+    # index_query: unknown parameters are stripped, property-* filters kept.
+    q = Q.validate(Q.Query.of(req), _SCHEMA, True, patterns=("^property-.*$",))
     project, is_admin = req.project, req.is_admin
     images = [i for i in r.images() if _visible(i, project, is_admin)]
     name, status = q.get("name"), q.get("status")
-    since = _parse_time(q.get("changes-since") or "") if "changes-since" in q else None
+    since = None
+    if "changes-since" in q:
+        v = q.get("changes-since") or ""
+        since = Q.parse_isotime(v)
+        if since is None:
+            raise BadRequest(f"Invalid changes-since value: {v}")
     server = q.get("server")
     if server is not None and "/" in server:
         server = server.rsplit("/", 1)[1]
     itype = q.get("type")
-    min_ram = _int_filter("minRam", q.get("minRam") or "") if "minRam" in q else None
-    min_disk = _int_filter("minDisk", q.get("minDisk") or "") if "minDisk" in q else None
+    min_ram = Q.int_filter(q, "minRam")
+    min_disk = Q.int_filter(q, "minDisk")
     props = {k[len("property-"):]: v for k, v in q.items if k.startswith("property-")}
 
     def keep(i: dict[str, Any]) -> bool:
@@ -137,16 +126,13 @@ def list_images(req: Any, r: Reader, ctx: ApiContext) -> tuple[C.Query, list[dic
 
     # Glance's default order: newest first, then id descending.
     images.sort(key=lambda i: (i.get("created_at") or 0, i["id"]), reverse=True)
-    marker = q.get("marker")
+    limit, marker = Q.limit_and_marker(q, ctx.max_limit)
     if marker is not None:
         ids = [i["id"] for i in images]
         if marker not in ids:
             raise BadRequest(f"marker [{marker}] not found")
         images = images[ids.index(marker) + 1:]
-    out = [i for i in images if keep(i)]
-    limit = q.get("limit")
-    n = min(int(limit), ctx.max_limit) if limit is not None else ctx.max_limit
-    return q, out[:n]
+    return q, [i for i in images if keep(i)][:limit]
 
 
 def routes(ctx: ApiContext) -> list[RouteSpec]:
@@ -157,10 +143,10 @@ def routes(ctx: ApiContext) -> list[RouteSpec]:
     def _list(req: Any, r: Reader, detail: bool) -> tuple[int, bytes]:
         gate(req)
         q, items = list_images(req, r, ctx)
-        links, glance = C.Links(req), glance_url(req)
+        links, glance = L.Links(req), glance_url(req)
         view = show_view if detail else basic_view
         body: dict[str, Any] = {"images": [view(i, links, glance) for i in items]}
-        nxt = C.collection_links(q, links, ctx.max_limit, len(items),
+        nxt = L.collection_links(q, links, ctx.max_limit, len(items),
                                  "images/detail" if detail else "images",
                                  items[-1]["id"] if items else None)
         if nxt:
@@ -178,7 +164,7 @@ def routes(ctx: ApiContext) -> list[RouteSpec]:
         img = r.image(req.params[0])
         if img is None or not _visible(img, req.project, req.is_admin):
             raise NotFound("Image not found.")
-        return 200, C.dumps({"image": show_view(img, C.Links(req), glance_url(req))})
+        return 200, C.dumps({"image": show_view(img, L.Links(req), glance_url(req))})
 
     base = API_ROOT + "/images"
     return [

@@ -13,22 +13,24 @@ from __future__ import annotations
 from typing import Any
 
 from fastpath.api import common as C
+from fastpath.api import links as L
+from fastpath.api import query as Q
 from fastpath.api.context import ApiContext
 from fastpath.api.routes import API_ROOT, RouteSpec
 from fastpath.errors import BadRequest, NotFound
 from fastpath.store.reader import Reader
 
 
-def _schema(version: int) -> tuple[dict[str, C.Check], bool]:
-    schema: dict[str, C.Check] = {}
+def _schema(version: int) -> tuple[dict[str, Q.Check], bool]:
+    schema: dict[str, Q.Check] = {}
     if version >= 10:
-        schema["user_id"] = C.any_string
+        schema["user_id"] = Q.any_string
     if version >= 35:
-        schema.update(C.PAGINATION)
+        schema.update(Q.PAGINATION)
     return schema, version < 75
 
 
-def _user(req: Any, q: C.Query, action: str) -> str:
+def _user(req: Any, q: Q.Query, action: str) -> str:
     """The user whose keypairs are read: ``?user_id=`` (2.10, first value) or the caller;
     another user's only for admins (policy ``admin or user_id:%(user_id)s``)."""
     user = (q.first("user_id") if req.version >= 10 else None) or req.user
@@ -64,14 +66,13 @@ def show_view(k: dict[str, Any], version: int) -> dict[str, Any]:
 def routes(ctx: ApiContext) -> list[RouteSpec]:
     def index(req: Any, r: Reader) -> tuple[int, bytes]:
         version = req.version
-        q = C.Query.of(req)
         schema, additional = _schema(version)
-        C.validate(q, schema, additional)
+        q = Q.validate(Q.Query.of(req), schema, additional)
         user = _user(req, q, "index")
         items = r.keypairs(user)
         body: dict[str, Any] = {}
         if version >= 35:
-            limit, marker = C.limit_and_marker(q, ctx.max_limit)
+            limit, marker = Q.limit_and_marker(q, ctx.max_limit)
             if marker is not None:
                 names = [k["name"] for k in items]
                 if marker not in names:
@@ -80,7 +81,7 @@ def routes(ctx: ApiContext) -> list[RouteSpec]:
             items = items[:limit]
         body["keypairs"] = [list_item(k, version) for k in items]
         if version >= 35:
-            links = C.collection_links(q, C.Links(req), ctx.max_limit, len(items), "os-keypairs",
+            links = L.collection_links(q, L.Links(req), ctx.max_limit, len(items), "os-keypairs",
                                        items[-1]["name"] if items else None)
             if links:
                 body["keypairs_links"] = links
@@ -88,9 +89,8 @@ def routes(ctx: ApiContext) -> list[RouteSpec]:
 
     def show(req: Any, r: Reader) -> tuple[int, bytes]:
         version = req.version
-        q = C.Query.of(req)
-        schema = {"user_id": C.any_string} if version >= 10 else {}
-        C.validate(q, schema, version < 75)
+        schema = {"user_id": Q.any_string} if version >= 10 else {}
+        q = Q.validate(Q.Query.of(req), schema, version < 75)
         user = _user(req, q, "show")
         name = req.params[0]
         k = r.keypair(user, name)

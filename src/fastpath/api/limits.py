@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastpath.api import common as C
+from fastpath.api import query as Q
 from fastpath.api.context import ApiContext
 from fastpath.api.routes import API_ROOT, RouteSpec
 from fastpath.store.reader import Reader
@@ -122,8 +123,7 @@ def quota_set(project_id: str, values: dict[str, Any], version: int) -> dict[str
 
 def routes(ctx: ApiContext) -> list[RouteSpec]:
     def limits(req: Any, r: Reader) -> tuple[int, bytes]:
-        q = C.Query.of(req)
-        C.validate(q, {"tenant_id": C.any_string}, req.version < 75)
+        q = Q.validate(Q.Query.of(req), {"tenant_id": Q.any_string}, req.version < 75)
         project = req.project or ""
         tenant = q.get("tenant_id")
         if tenant is not None:
@@ -139,14 +139,14 @@ def routes(ctx: ApiContext) -> list[RouteSpec]:
             raise C.forbidden(f"os_compute_api:os-quota-sets:{action}")
 
     def show(req: Any, r: Reader) -> tuple[int, bytes]:
-        C.validate(C.Query.of(req), {"user_id": C.any_string}, req.version < 75)
+        Q.validate(Q.Query.of(req), {"user_id": Q.any_string}, req.version < 75)
         project_id = req.params[0]
         check_project(req, project_id, "show")
         # ?user_id=: fastpath keeps no per-user quotas, so a user's are the project's.
         return 200, C.dumps(quota_set(project_id, project_limits(r, project_id), req.version))
 
     def detail(req: Any, r: Reader) -> tuple[int, bytes]:
-        C.validate(C.Query.of(req), {"user_id": C.any_string}, req.version < 75)
+        Q.validate(Q.Query.of(req), {"user_id": Q.any_string}, req.version < 75)
         project_id = req.params[0]
         check_project(req, project_id, "detail")
         limits = project_limits(r, project_id)
@@ -157,7 +157,7 @@ def routes(ctx: ApiContext) -> list[RouteSpec]:
 
     def defaults(req: Any, r: Reader) -> tuple[int, bytes]:
         # defaults_query: anything goes until 2.101; nothing from 2.102.  Any user may ask.
-        C.validate(C.Query.of(req), {}, req.version < 102)
+        Q.strict(req)
         return 200, C.dumps(quota_set(req.params[0], default_limits(r), req.version))
 
     qs = API_ROOT + "/os-quota-sets/{project_id}"

@@ -28,16 +28,17 @@ record of each candidate.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cmp_to_key
 from typing import Any
 
+from fastpath.api import common as C
 from fastpath.api import query as Q
 from fastpath.api import views
 from fastpath.api.context import ApiContext
+from fastpath.api.links import Links, collection_links, link_project
 from fastpath.api.routes import API_ROOT, RouteSpec
 from fastpath.errors import BadRequest, Forbidden, NotFound
 from fastpath.store import MarkerNotFound, Reader
@@ -46,24 +47,31 @@ from fastpath.store import record as R
 from fastpath.store.record import IndexEntry
 
 # -- Nova's servers query schema (nova/api/openstack/compute/schemas/servers.py) -------------------
-JOINED_TABLE_PARAMS = frozenset(
-    ("block_device_mapping", "services", "metadata", "system_metadata", "info_cache",
-     "security_groups", "pci_devices")
+JOINED_TABLE_PARAMS = (
+    "block_device_mapping", "services", "metadata", "system_metadata", "info_cache",
+    "security_groups", "pci_devices",
 )
-_REGEX_PARAMS = (
+_REGEX_PARAMS = frozenset((
     "kernel_id", "ramdisk_id", "hostname", "key_name", "power_state", "node", "flavor",
     "reservation_id", "launched_at", "terminated_at", "availability_zone", "name",
     "display_name", "description", "display_description", "locked_by", "root_device_name",
     "config_drive", "access_ip_v4", "access_ip_v6", "auto_disk_config", "progress", "ip", "ip6",
     "created_at",
-)
-_PLAIN_PARAMS = (
-    "user_id", "project_id", "tenant_id", "launch_index", "image_ref", "image", "vm_state",
-    "task_state", "host", "uuid", "sort_key", "sort_dir", "all_tenants", "soft_deleted",
-    "deleted", "status", "changes-since", "limit", "marker",
+))
+# query_params_v21's properties in Nova's order (the order its validator reports errors in).
+_PROPERTIES_V21 = (
+    "user_id", "project_id", "tenant_id", "launch_index", "image_ref", "image", "kernel_id",
+    "ramdisk_id", "hostname", "key_name", "power_state", "vm_state", "task_state", "host",
+    "node", "flavor", "reservation_id", "launched_at", "terminated_at", "availability_zone",
+    "name", "display_name", "description", "display_description", "locked_by", "uuid",
+    "root_device_name", "config_drive", "access_ip_v4", "access_ip_v6", "auto_disk_config",
+    "progress", "sort_key", "sort_dir", "all_tenants", "soft_deleted", "deleted", "status",
+    "changes-since", "ip", "ip6", "created_at", *JOINED_TABLE_PARAMS, "limit", "marker",
 )
 TAG_FILTERS = ("tags", "tags-any", "not-tags", "not-tags-any")
 PAGING_SORTING = ("sort_key", "sort_dir", "limit", "marker")
+# patternProperties "^_": kept through validation, refused as filters.
+_INTERNAL = ("^_",)
 
 IGNORE_SORT_KEYS = (
     "architecture", "cell_name", "cleaned", "default_ephemeral_device", "default_swap_device",
@@ -89,22 +97,29 @@ def _sort_key_enum(version: int) -> list[str]:
     return [*VALID_SORT_KEYS, *IGNORE_SORT_KEYS]
 
 
-def _schema(version: int) -> tuple[frozenset[str], frozenset[str]]:
-    """(every property, the regex-format ones) of the list query schema at 2.``version``."""
-    regex = set(_REGEX_PARAMS)
-    props = set(_PLAIN_PARAMS) | regex | JOINED_TABLE_PARAMS
+def _schema(version: int) -> dict[str, Q.Check]:
+    """The list query schema's properties at 2.``version``, in Nova's order."""
+    names = list(_PROPERTIES_V21)
     if version >= 26:
-        regex |= set(TAG_FILTERS)
-        props |= set(TAG_FILTERS)
+        names += TAG_FILTERS
     if version >= 66:
-        props.add("changes-before")
+        names.append("changes-before")
     if version >= 73:
-        props.add("locked")
-    return frozenset(props), frozenset(regex)
+        names.append("locked")
+    schema: dict[str, Q.Check] = {}
+    for name in names:
+        if name in _REGEX_PARAMS or name in TAG_FILTERS:
+            schema[name] = Q.regex
+        elif name in ("changes-since", "changes-before"):
+            schema[name] = Q.date_time
+        else:
+            schema[name] = Q.any_string
+    schema.update(Q.PAGINATION)  # limit and marker keep their place
+    schema["sort_key"] = Q.enum(_sort_key_enum(version))
+    return schema
 
 
 _SCHEMAS = {v: _schema(v) for v in range(1, 105)}
-
 
 def _search_options(version: int) -> frozenset[str]:
     """``_get_server_search_options``: what a non-admin may filter on."""
@@ -129,27 +144,10 @@ def _search_options(version: int) -> frozenset[str]:
 _SEARCH_OPTIONS = {v: _search_options(v) for v in range(1, 105)}
 
 
-def validate_list_query(params: Q.Params, version: int) -> Q.Params:
+def validate_list_query(q: Q.Query, version: int) -> Q.Query:
     """The query schema of the servers list at 2.``version``: values checked, unknown
     parameters stripped (before 2.75) or refused (2.75+).  Returns the parameters kept."""
-    props, regex = _SCHEMAS.get(version, _SCHEMAS[104])
-    unknown = [k for k in Q.keys(params) if k not in props and not k.startswith("_")]
-    if unknown and version >= 75:
-        raise Q.additional_not_allowed(unknown)
-    kept = [(k, v) for k, v in params if k in props or k.startswith("_")]
-    enum = None
-    for k, v in kept:
-        if k in regex:
-            Q.check_regex(k, v)
-        elif k == "limit":
-            Q.check_non_negative_integer(k, v)
-        elif k in ("changes-since", "changes-before"):
-            Q.check_datetime(k, v)
-        elif k == "sort_key":
-            enum = enum or _sort_key_enum(version)
-            if v not in enum:
-                raise Q.invalid(k, v, f"{v!r} is not one of {enum!r}")
-    return kept
+    return Q.validate(q, _SCHEMAS.get(version, _SCHEMAS[104]), version < 75, _INTERNAL)
 
 
 # -- Nova's status mapping (nova/api/openstack/common.py) -------------------------------------------
@@ -358,7 +356,7 @@ class ServerRoutes:
     def show(self, req: Any) -> tuple[int, bytes]:
         server_id = req.params[0]
         with self.store.read() as r:
-            Q.strict(Q.parse(req.query_string), req.version)
+            Q.strict(req)
             if not self._visible(r, req, server_id):
                 raise _not_found(server_id)
             blob = r.view(server_id, views.VIEW_ID)
@@ -366,7 +364,7 @@ class ServerRoutes:
                 raise _not_found(server_id)
             # PERF: assembled straight from the map (a buffer), before the txn ends.
             body = views.server_json(blob, req.version, req.is_admin, req.base_url.encode(),
-                                     _link_project(req))
+                                     link_project(req))
         return 200, b'{"server": ' + body + b"}"
 
     def _record(self, r: Reader, req: Any, server_id: str) -> dict[str, Any]:
@@ -388,25 +386,25 @@ class ServerRoutes:
     def ips(self, req: Any) -> tuple[int, bytes]:
         # Cold route: the record is decoded (still the one transaction).
         with self.store.read() as r:
-            Q.strict(Q.parse(req.query_string), req.version)
+            Q.strict(req)
             rec = self._record(r, req, req.params[0])
-        return 200, json.dumps({"addresses": self._addresses(rec)}).encode()
+        return 200, C.dumps({"addresses": self._addresses(rec)})
 
     def ip_network(self, req: Any) -> tuple[int, bytes]:
         server_id, label = req.params
         with self.store.read() as r:
-            Q.strict(Q.parse(req.query_string), req.version)
+            Q.strict(req)
             rec = self._record(r, req, server_id)
         addresses = self._addresses(rec)
         if label not in addresses:
             raise NotFound("Instance is not a member of specified network")
-        return 200, json.dumps({label: addresses[label]}).encode()
+        return 200, C.dumps({label: addresses[label]})
 
     def metadata(self, req: Any) -> tuple[int, bytes]:
         with self.store.read() as r:
-            Q.strict(Q.parse(req.query_string), req.version)
+            Q.strict(req)
             rec = self._record(r, req, req.params[0])
-        return 200, json.dumps({"metadata": rec["metadata"]}).encode()
+        return 200, C.dumps({"metadata": rec["metadata"]})
 
     def metadata_item(self, req: Any) -> tuple[int, bytes]:
         server_id, key = req.params
@@ -415,13 +413,13 @@ class ServerRoutes:
             rec = self._record(r, req, server_id)
         if key not in rec["metadata"]:
             raise NotFound("Metadata item was not found")
-        return 200, json.dumps({"meta": {key: rec["metadata"][key]}}).encode()
+        return 200, C.dumps({"meta": {key: rec["metadata"][key]}})
 
     def _tags_of(self, r: Reader, req: Any, server_id: str) -> list[str]:
         if req.version < 26:
             # @wsgi.api_version("2.26"): the method does not exist below it.
-            raise NotFound("The resource could not be found.")
-        Q.strict(Q.parse(req.query_string), req.version)
+            raise NotFound(C.RESOURCE_NOT_FOUND)
+        Q.strict(req)
         entry = r.index_entry(server_id) if self._visible(r, req, server_id) else None
         if entry is None or entry.deleted:
             # server_tags looks the server up by its instance mapping.
@@ -431,7 +429,7 @@ class ServerRoutes:
     def tags(self, req: Any) -> tuple[int, bytes]:
         with self.store.read() as r:
             tags = self._tags_of(r, req, req.params[0])
-        return 200, json.dumps({"tags": tags}).encode()
+        return 200, C.dumps({"tags": tags})
 
     def tag(self, req: Any) -> tuple[int, bytes]:
         server_id, tag = req.params
@@ -457,15 +455,13 @@ class ServerRoutes:
             blobs = [self._blob(r, u, e) for u, e in found]
             # PERF: one compiled assembly of the whole page, from buffers into the map.
             items = views.servers_json_join(blobs, req.version, req.is_admin, req.base_url.encode(),
-                                            not detail, _link_project(req))
+                                            not detail, link_project(req))
         links = b""
-        if plan.limit and len(found) == plan.limit:
-            path = API_ROOT + "/"
-            if req.url_project is not None:
-                path += req.url_project.decode("utf-8", "replace") + "/"
-            path += "servers/detail" if detail else "servers"
-            href = Q.next_link(req.base_url, path, plan.kept, L.uuid_str(found[-1][0]))
-            links = b', "servers_links": ' + json.dumps([{"href": href, "rel": "next"}]).encode()
+        nxt = collection_links(plan.kept, Links(req), self.max_limit, len(found),
+                                "servers/detail" if detail else "servers",
+                                L.uuid_str(found[-1][0]) if found else None)
+        if nxt:
+            links = b', "servers_links": ' + C.dumps(nxt)
         return 200, b'{"servers": [' + items + b"]" + links + b"}"
 
     @staticmethod
@@ -485,13 +481,6 @@ class ServerRoutes:
         return views.render_server(rec)[views.VIEW_ID]
 
 
-def _link_project(req: Any) -> bytes:
-    # Nova's _get_project_id: the caller's project when the URL carries it (the legacy
-    # /v2.1/{project_id}/... form; _core has checked it equals the caller's).
-    up = req.url_project
-    return up if up is not None else b""
-
-
 def _stand_in(uid: str, e: IndexEntry) -> dict[str, Any]:
     return R.make_record({
         "uuid": uid, "version": 0, "cell": "-", "project_id": e.project_id or "-",
@@ -508,8 +497,7 @@ class _ListPlan:
     def __init__(self, req: Any, detail: bool, max_limit: int) -> None:
         version: int = req.version
         is_admin: bool = req.is_admin
-        params = Q.parse(req.query_string)
-        kept = validate_list_query(params, version)
+        kept = validate_list_query(Q.Query.of(req), version)
         self.kept = kept
         self.empty = False
         self.preds: list[Pred] = []
@@ -517,7 +505,7 @@ class _ListPlan:
         self.uuid_filter: str | None = None
 
         opts: dict[str, str] = {}
-        for k, v in kept:
+        for k, v in kept.items:
             opts[k] = v  # webob: the last value of a repeated parameter
         if is_admin:  # allow_all_filters (admin by default)
             for k in PAGING_SORTING:
@@ -533,7 +521,7 @@ class _ListPlan:
         opts.pop("status", None)
         vm_states: set[str] | None = None
         task_states: set[str | None] | None = None
-        statuses = Q.getall(kept, "status")
+        statuses = kept.getall("status")
         if statuses:
             vm, task = vm_and_task_states(statuses)
             if not vm and not task:
@@ -601,10 +589,7 @@ class _ListPlan:
         if all_tenants:
             if not is_admin:
                 rule = "detail" if detail else "index"
-                raise Forbidden(
-                    f"Policy doesn't allow os_compute_api:servers:{rule}:get_all_tenants "
-                    "to be performed."
-                )
+                raise C.forbidden(f"os_compute_api:servers:{rule}:get_all_tenants")
             self.scope = None
             for k in opts:  # compute.API maps tenant_id to project_id; the later one wins
                 if k in ("project_id", "tenant_id"):
@@ -613,11 +598,9 @@ class _ListPlan:
             self.scope = req.project
 
         # limit, marker, sort
-        limit_s = Q.last(kept, "limit")
-        self.limit = max_limit if limit_s is None else min(max_limit, int(limit_s))
-        self.marker = Q.last(kept, "marker")
-        sort_keys = [s.strip() for s in Q.getall(kept, "sort_key")] or ["created_at"]
-        sort_dirs = [s.strip() for s in Q.getall(kept, "sort_dir")] or ["desc"]
+        self.limit, self.marker = Q.limit_and_marker(kept, max_limit)
+        sort_keys = [s.strip() for s in kept.getall("sort_key")] or ["created_at"]
+        sort_dirs = [s.strip() for s in kept.getall("sort_dir")] or ["desc"]
         ignore = IGNORE_SORT_KEYS_V273 if version >= 73 else IGNORE_SORT_KEYS
         for key in list(sort_keys):
             if key in ignore:
