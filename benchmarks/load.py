@@ -48,6 +48,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from _harness import SEED_FLAVORS, SEED_PROJECT, newest_of_project, seed_batches, seed_uuid
+
 HOST = "127.0.0.1"
 
 
@@ -165,64 +167,25 @@ def nginx_location(sc: Scenario, www: str, body: bytes, mode: str) -> str:
 
 # -- the store -----------------------------------------------------------------------------
 
-SEED_PROJECT = "6f70656e737461636b20342065766572"  # the project the read scenarios ask as
-# Nova's classic public flavors, with the extra specs a real cloud carries.
-SEED_FLAVORS = [
-    ("1", "m1.tiny", 1, 512, 1),
-    ("2", "m1.small", 1, 2048, 20),
-    ("3", "m1.medium", 2, 4096, 40),
-    ("4", "m1.large", 4, 8192, 80),
-    ("5", "m1.xlarge", 8, 16384, 160),
-    ("6", "c1.2xlarge", 16, 32768, 160),
-]
-
-
 def seed_store(data_dir: str, servers: int, projects: int) -> dict[str, Any]:
     """Fill ``data_dir`` in this process, then close the store (fastpath opens it after):
     ``servers`` sample servers, round-robin over ``projects`` projects (the first is
     SEED_PROJECT), rendered with ``views.render_server`` as cellsync would, and
-    SEED_FLAVORS.  Returns what the read scenarios need: the show id (the newest server of
-    SEED_PROJECT: the first of its list) and the counts."""
+    SEED_FLAVORS (``_harness.seed_batches``: the micro-benchmarks seed the same).  Returns
+    what the read scenarios need: the show id (the newest server of SEED_PROJECT: the
+    first of its list) and the counts."""
     from fastpath.api import views
-    from fastpath.store import Batch, Store, Upsert
-    from fastpath.store.changes import Catalog, CatalogPut
-    from fastpath.store.samples import EPOCH_2024, sample_record
-
-    def uuid_of(i: int) -> str:
-        h = f"{0xFA57 << 112 | i:032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    from fastpath.store import Store
 
     t0 = time.monotonic()
-    flavors = [
-        CatalogPut(Catalog.FLAVORS, fid, {
-            "id": fid, "name": name, "vcpus": vcpus, "ram": ram, "disk": disk,
-            "ephemeral": 0, "swap": 0, "rxtx_factor": 1.0, "is_public": True,
-            "disabled": False, "description": None,
-            "extra_specs": {"hw:cpu_policy": "shared", "hw_rng:allowed": "True"},
-        })
-        for fid, name, vcpus, ram, disk in SEED_FLAVORS
-    ]
     # ~12 KB per server (record, index entries, view blob) plus room: the map grows anyway.
     store = Store.open(data_dir, map_size=max(1 << 26, servers * 32 * 1024))
-    newest = ""
     try:
-        chunk = 2000
-        for start in range(0, max(servers, 1), chunk):
-            ups = []
-            for i in range(start, min(start + chunk, servers)):
-                rec = sample_record(
-                    uuid_of(i), 1, project_id=SEED_PROJECT if i % projects == 0
-                    else f"project-{i % projects:04d}",
-                    created_at=EPOCH_2024 + i * 1_000_000, seed=i, name=f"vm-{i:07d}",
-                )
-                if i % projects == 0:
-                    newest = rec["uuid"]  # created_at grows with i
-                ups.append(Upsert(rec["uuid"], 1, rec))
-            store.apply(
-                Batch(ups, catalog=flavors if start == 0 else ()), render=views.render_server
-            )
+        for batch in seed_batches(servers, projects):
+            store.apply(batch, render=views.render_server)
     finally:
         store.close()
+    newest = seed_uuid(newest_of_project(servers, projects))
     return {
         "servers": servers,
         "projects": projects,
