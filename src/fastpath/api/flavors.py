@@ -226,13 +226,9 @@ def routes(ctx: ApiContext) -> list[RouteSpec]:
             flavors = [show_view(f, req.version, links) for f in items]
         else:
             flavors = [basic_view(f, req.version, links) for f in items]
-        body: dict[str, Any] = {"flavors": flavors}
-        nxt = L.collection_links(q, links, ctx.max_limit, len(items),
-                                 "flavors/detail" if detail else "flavors",
-                                 items[-1]["id"] if items else None)
-        if nxt:
-            body["flavors_links"] = nxt
-        return 200, C.dumps(body)
+        return 200, C.dumps(L.page("flavors", flavors, q, links, ctx.max_limit,
+                                   "flavors/detail" if detail else "flavors",
+                                   items[-1]["id"] if items else None))
 
     def index(req: Any, r: Reader) -> tuple[int, bytes]:
         return _list(req, r, False)

@@ -145,13 +145,9 @@ def routes(ctx: ApiContext) -> list[RouteSpec]:
         q, items = list_images(req, r, ctx)
         links, glance = L.Links(req), glance_url(req)
         view = show_view if detail else basic_view
-        body: dict[str, Any] = {"images": [view(i, links, glance) for i in items]}
-        nxt = L.collection_links(q, links, ctx.max_limit, len(items),
-                                 "images/detail" if detail else "images",
-                                 items[-1]["id"] if items else None)
-        if nxt:
-            body["images_links"] = nxt
-        return 200, C.dumps(body)
+        return 200, C.dumps(L.page("images", [view(i, links, glance) for i in items], q, links,
+                                   ctx.max_limit, "images/detail" if detail else "images",
+                                   items[-1]["id"] if items else None))
 
     def index(req: Any, r: Reader) -> tuple[int, bytes]:
         return _list(req, r, False)

@@ -70,22 +70,18 @@ def routes(ctx: ApiContext) -> list[RouteSpec]:
         q = Q.validate(Q.Query.of(req), schema, additional)
         user = _user(req, q, "index")
         items = r.keypairs(user)
-        body: dict[str, Any] = {}
-        if version >= 35:
-            limit, marker = Q.limit_and_marker(q, ctx.max_limit)
-            if marker is not None:
-                names = [k["name"] for k in items]
-                if marker not in names:
-                    raise BadRequest(f"Marker {marker} could not be found.")
-                items = items[names.index(marker) + 1:]
-            items = items[:limit]
-        body["keypairs"] = [list_item(k, version) for k in items]
-        if version >= 35:
-            links = L.collection_links(q, L.Links(req), ctx.max_limit, len(items), "os-keypairs",
-                                       items[-1]["name"] if items else None)
-            if links:
-                body["keypairs_links"] = links
-        return 200, C.dumps(body)
+        if version < 35:
+            return 200, C.dumps({"keypairs": [list_item(k, version) for k in items]})
+        limit, marker = Q.limit_and_marker(q, ctx.max_limit)
+        if marker is not None:
+            names = [k["name"] for k in items]
+            if marker not in names:
+                raise BadRequest(f"Marker {marker} could not be found.")
+            items = items[names.index(marker) + 1:]
+        items = items[:limit]
+        return 200, C.dumps(L.page("keypairs", [list_item(k, version) for k in items], q,
+                                   L.Links(req), ctx.max_limit, "os-keypairs",
+                                   items[-1]["name"] if items else None))
 
     def show(req: Any, r: Reader) -> tuple[int, bytes]:
         version = req.version

@@ -69,6 +69,12 @@ USED_NAMES: tuple[tuple[str, str], ...] = (
 )
 
 
+def _filtered(version: int, v236: tuple[str, ...], v257: tuple[str, ...]) -> tuple[str, ...]:
+    """What a view leaves out at 2.``version``: nova-network's resources from 2.36, the
+    personality (injected files) ones too from 2.57."""
+    return v257 if version >= 57 else v236 if version >= 36 else ()
+
+
 def project_limits(r: Reader, project: str) -> dict[str, int]:
     """Nova's configuration defaults < stored defaults < the project's own limits."""
     return {**DEFAULT_QUOTAS, **r.quota_limits(project)}
@@ -88,12 +94,7 @@ def in_use(r: Reader, project: str) -> dict[str, int]:
 
 
 def limits_view(limits: dict[str, int], used: dict[str, int], version: int) -> dict[str, Any]:
-    if version >= 57:
-        filtered: tuple[str, ...] = LIMITS_FILTERED_V257
-    elif version >= 36:
-        filtered = LIMITS_FILTERED_V236
-    else:
-        filtered = ()
+    filtered = _filtered(version, LIMITS_FILTERED_V236, LIMITS_FILTERED_V257)
     absolute: dict[str, int] = {}
     for name, resource in LIMIT_NAMES:
         if resource in filtered or limits.get(resource) is None:
@@ -108,12 +109,7 @@ def limits_view(limits: dict[str, int], used: dict[str, int], version: int) -> d
 
 
 def quota_set(project_id: str, values: dict[str, Any], version: int) -> dict[str, Any]:
-    if version >= 57:
-        filtered: tuple[str, ...] = QUOTAS_FILTERED_V257
-    elif version >= 36:
-        filtered = QUOTAS_FILTERED_V236
-    else:
-        filtered = ()
+    filtered = _filtered(version, QUOTAS_FILTERED_V236, QUOTAS_FILTERED_V257)
     out: dict[str, Any] = {"id": project_id}
     for resource in DEFAULT_QUOTAS:
         if resource not in filtered and resource in values:

@@ -63,3 +63,13 @@ def collection_links(q: Query, links: Links, max_limit: int, count: int, collect
     if max_items and max_items == count and last_id is not None:
         return [links.next(q, collection, last_id)]
     return []
+
+
+def page(name: str, rendered: list[Any], q: Query, links: Links, max_limit: int,
+         collection: str, last_id: str | None) -> dict[str, Any]:
+    """A list body: ``{name: rendered}``, plus ``{name}_links`` when the page is full."""
+    body: dict[str, Any] = {name: rendered}
+    nxt = collection_links(q, links, max_limit, len(rendered), collection, last_id)
+    if nxt:
+        body[name + "_links"] = nxt
+    return body

@@ -16,50 +16,40 @@ V20_UPDATED = "2025-07-04T12:00:00Z"
 DOCS_LINK = {"href": "http://docs.openstack.org/", "rel": "describedby", "type": "text/html"}
 
 
-def _v21(base: str, full: bool) -> dict[str, object]:
-    doc: dict[str, object] = {
-        "id": "v2.1",
-        "links": [{"href": f"{base}/v2.1/", "rel": "self"}],
-        "status": "CURRENT",
-        "version": MAX_VERSION,
-        "min_version": MIN_VERSION,
-        "updated": V21_UPDATED,
-    }
-    if full:
-        doc["links"] = [{"href": f"{base}/v2.1/", "rel": "self"}, DOCS_LINK]
-        doc["media-types"] = [
-            {"base": "application/json", "type": "application/vnd.openstack.compute+json;version=2.1"}
-        ]
-    return doc
+# Per version document: (id, path, status, version, min_version, updated, media-type version).
+_V21 = ("v2.1", "v2.1", "CURRENT", MAX_VERSION, MIN_VERSION, V21_UPDATED, "2.1")
+_V20 = ("v2.0", "v2", "DEPRECATED", "", "", V20_UPDATED, "2")
 
 
-def _v20(base: str, full: bool) -> dict[str, object]:
+def _doc(v: tuple[str, str, str, str, str, str, str], base: str, full: bool) -> dict[str, object]:
+    vid, path, status, version, min_version, updated, media = v
+    self_link = {"href": f"{base}/{path}/", "rel": "self"}
     doc: dict[str, object] = {
-        "id": "v2.0",
-        "links": [{"href": f"{base}/v2/", "rel": "self"}],
-        "status": "DEPRECATED",
-        "version": "",
-        "min_version": "",
-        "updated": V20_UPDATED,
+        "id": vid,
+        "links": [self_link, DOCS_LINK] if full else [self_link],
+        "status": status,
+        "version": version,
+        "min_version": min_version,
+        "updated": updated,
     }
     if full:
-        doc["links"] = [{"href": f"{base}/v2/", "rel": "self"}, DOCS_LINK]
         doc["media-types"] = [
-            {"base": "application/json", "type": "application/vnd.openstack.compute+json;version=2"}
+            {"base": "application/json",
+             "type": f"application/vnd.openstack.compute+json;version={media}"}
         ]
     return doc
 
 
 def versions_doc(base: str) -> bytes:
-    return json.dumps({"versions": [_v20(base, False), _v21(base, False)]}).encode()
+    return json.dumps({"versions": [_doc(_V20, base, False), _doc(_V21, base, False)]}).encode()
 
 
 def v21_doc(base: str) -> bytes:
-    return json.dumps({"version": _v21(base, True)}).encode()
+    return json.dumps({"version": _doc(_V21, base, True)}).encode()
 
 
 def v2_doc(base: str) -> bytes:
-    return json.dumps({"version": _v20(base, True)}).encode()
+    return json.dumps({"version": _doc(_V20, base, True)}).encode()
 
 
 # Index = the document kind _core asks for (0: GET /, 1: GET /v2.1/, 2: GET /v2/).
