@@ -8,8 +8,21 @@ from typing import Any
 
 import pytest
 
-from fastpath.store.changes import Catalog
-from tests.unit.catalog_support import ADMIN_TOKEN, BASE, PROJECT, Server, call, fault, sample, seed
+from fastpath.api import flavors
+from fastpath.store import Batch
+from fastpath.store.changes import Catalog, CatalogPut
+from tests.unit.catalog_support import (
+    ADMIN_TOKEN,
+    BASE,
+    PROJECT,
+    TOKEN,
+    Server,
+    call,
+    fault,
+    sample,
+    seed,
+)
+from tests.unit.conftest import HOST, request
 
 P = f"/v2.1/{PROJECT}"
 
@@ -206,3 +219,114 @@ def test_no_flavors(make_server: Any) -> None:
     s = make_server(extra_routes=False)
     assert call(s, "/v2.1/flavors/detail").json() == {"flavors": []}
     assert fault(call(s, "/v2.1/flavors/1"), 404) == "Flavor 1 could not be found."
+
+
+# -- the per-worker cache of answers (flavors.BodyCache) ----------------------------------------
+
+def _count_flavor_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times a handler read flavor entries (a cache miss reads them, a hit does not)."""
+    from fastpath.store.reader import Reader
+
+    n = [0]
+    one, every = Reader.flavor, Reader.flavors
+
+    def flavor(self: Reader, flavor_id: str) -> Any:
+        n[0] += 1
+        return one(self, flavor_id)
+
+    def flavors(self: Reader) -> Any:
+        n[0] += 1
+        return every(self)
+
+    monkeypatch.setattr(Reader, "flavor", flavor)
+    monkeypatch.setattr(Reader, "flavors", flavors)
+    return n
+
+
+def test_cache_hits_cost_one_read_txn_and_no_decoding(srv: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = _count_flavor_reads(monkeypatch)
+    targets = ["/v2.1/flavors", "/v2.1/flavors/detail", "/v2.1/flavors/7", "/v2.1/flavors/7/os-extra_specs",
+               "/v2.1/flavors/7/os-extra_specs/hw:numa_nodes", P + "/flavors/detail?limit=2"]
+    first = [call(srv, t).body for t in targets]  # call() checks: one read txn each
+    assert reads[0] > 0
+    reads[0] = 0
+    assert [call(srv, t).body for t in targets] == first
+    assert reads[0] == 0
+    # Errors are answered afresh each time, in one read transaction too.
+    for _ in range(2):
+        assert fault(call(srv, "/v2.1/flavors/99"), 404) == "Flavor 99 could not be found."
+        assert fault(call(srv, "/v2.1/flavors?minRam=x"), 400) == "Invalid minRam filter [x]"
+
+
+def test_cache_follows_flavor_changes(srv: Server) -> None:
+    assert call(srv, "/v2.1/flavors/1").json()["flavor"]["name"] == "m1.tiny"
+    names = [f["name"] for f in call(srv, "/v2.1/flavors/detail").json()["flavors"]]
+    seed(srv, Catalog.FLAVORS, {"1": {**SAMPLE_FLAVORS["1"], "name": "m1.renamed"}})
+    assert call(srv, "/v2.1/flavors/1").json()["flavor"]["name"] == "m1.renamed"
+    got = [f["name"] for f in call(srv, "/v2.1/flavors/detail").json()["flavors"]]
+    assert got == ["m1.renamed"] + names[1:]
+    srv.plan.context.store.apply(Batch(catalog=[CatalogPut(Catalog.FLAVORS, "1", None)]))
+    assert fault(call(srv, "/v2.1/flavors/1"), 404) == "Flavor 1 could not be found."
+    assert [f["id"] for f in call(srv, "/v2.1/flavors").json()["flavors"]] == sorted(SAMPLE_FLAVORS)[1:]
+
+
+def test_cache_keys_role_band_host_and_url_project(srv: Server) -> None:
+    seed(srv, Catalog.FLAVORS, {"d1": {"id": "d1", "name": "disabled", "vcpus": 1, "ram": 1, "disk": 1,
+                                       "disabled": True}})
+    ids = [f["id"] for f in call(srv, "/v2.1/flavors").json()["flavors"]]
+    assert "d1" not in ids
+    assert "d1" in [f["id"] for f in call(srv, "/v2.1/flavors", ADMIN_TOKEN).json()["flavors"]]
+    assert "d1" not in [f["id"] for f in call(srv, "/v2.1/flavors").json()["flavors"]]
+    f = call(srv, "/v2.1/flavors/7", version="2.54").json()["flavor"]
+    assert "description" not in f
+    assert call(srv, "/v2.1/flavors/7", version="2.55").json()["flavor"]["description"] == "test description"
+    assert "description" not in call(srv, "/v2.1/flavors/7", version="2.54").json()["flavor"]
+    store = srv.plan.context.store
+    for host in ("other.test:1", HOST, "other.test:1"):
+        reads = store.read_txns
+        r = srv.exchange(request("/v2.1/flavors/1", f"X-Auth-Token: {TOKEN}", host=host)).one()
+        assert store.read_txns - reads == 1
+        assert r.json()["flavor"]["links"][1]["href"] == f"http://{host}/flavors/1"
+    assert call(srv, P + "/flavors/1").json()["flavor"]["links"][1]["href"] == f"{BASE}/{PROJECT}/flavors/1"
+    assert call(srv, "/v2.1/flavors/1").json()["flavor"]["links"][1]["href"] == f"{BASE}/flavors/1"
+
+
+@pytest.mark.parametrize("owner_first", [True, False])
+def test_cache_leaks_no_private_flavor_across_projects(srv: Server, owner_first: bool) -> None:
+    other = "bob:other"
+    targets = ["/v2.1/flavors", "/v2.1/flavors/detail", "/v2.1/flavors?is_public=none"]
+    # Warm the cache with no private flavor (project not in the key), then add one.
+    for t in targets:
+        call(srv, t, other)
+    seed(srv, Catalog.FLAVORS, {"p1": {"id": "p1", "name": "private", "vcpus": 1, "ram": 1, "disk": 1,
+                                       "is_public": False, "projects": [PROJECT]}})
+    order = [TOKEN, other] if owner_first else [other, TOKEN]
+    for _ in range(2):
+        for token in order:
+            mine = token == TOKEN
+            for t in targets:
+                assert ("p1" in [f["id"] for f in call(srv, t, token).json()["flavors"]]) == mine
+            r = call(srv, "/v2.1/flavors/p1", token)
+            assert r.status == (200 if mine else 404)
+            r = call(srv, "/v2.1/flavors/p1/os-extra_specs", token)
+            assert r.status == (200 if mine else 404)
+    assert call(srv, "/v2.1/flavors/p1", "admin:other").status == 200
+
+
+def test_cached_answers_equal_fresh_ones_at_every_microversion(
+        srv: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    seed(srv, Catalog.FLAVORS, {"p1": {"id": "p1", "name": "private", "vcpus": 1, "ram": 1, "disk": 1,
+                                       "is_public": False, "projects": [PROJECT], "swap": 5}})
+    targets = ["/v2.1/flavors", "/v2.1/flavors/detail", "/v2.1/flavors/detail?limit=3&sort_key=name",
+               "/v2.1/flavors/7", "/v2.1/flavors/p1", "/v2.1/flavors/7/os-extra_specs",
+               "/v2.1/flavors/7/os-extra_specs/hw:numa_nodes", "/v2.1/flavors?name=small"]
+    requests = [(t, token, f"2.{v}") for v in range(1, 105) for t in targets
+                for token in (TOKEN, ADMIN_TOKEN, "bob:other")]
+
+    def answers() -> list[tuple[int, bytes]]:
+        return [(r.status, r.body) for r in (call(srv, t, tok, ver) for t, tok, ver in requests)]
+
+    monkeypatch.setattr(flavors.BodyCache, "max_entries", 0)  # nothing kept: every answer fresh
+    fresh = answers()
+    monkeypatch.undo()
+    assert answers() == fresh

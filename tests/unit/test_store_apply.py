@@ -558,6 +558,40 @@ def test_catalogue_puts_deletes_and_reads(store: Store) -> None:
         store.apply(Batch(catalog=[CatalogPut(Catalog.FLAVORS, ("a", "b"), {})]))
 
 
+def test_catalogue_generations_move_when_a_table_changes(store: Store) -> None:
+    def gens() -> dict[Catalog, int]:
+        with store.read() as r:
+            return {t: r.generation(t) for t in Catalog}
+
+    assert set(gens().values()) == {0}
+    tiny = CatalogPut(Catalog.FLAVORS, "1", {"id": "1", "name": "m1.tiny"})
+    # Several puts of one table in one transaction: one step.
+    store.apply(Batch(catalog=[tiny, CatalogPut(Catalog.FLAVORS, "2", {"id": "2", "name": "s"})]))
+    assert gens() == {**dict.fromkeys(Catalog, 0), Catalog.FLAVORS: 1}
+    # The same values again, a delete of nothing: no change, no step, no write (P3).
+    with store.read() as r:
+        before = r.dump()
+    store.apply(Batch(catalog=[tiny, CatalogPut(Catalog.FLAVORS, "3", None)]))
+    with store.read() as r:
+        assert r.dump() == before
+    # A changed value, a delete: a step each; other tables independently.
+    store.apply(Batch(catalog=[CatalogPut(Catalog.FLAVORS, "1", {"id": "1", "name": "m1.tinier"})]))
+    store.apply(Batch(catalog=[CatalogPut(Catalog.FLAVORS, "2", None),
+                               CatalogPut(Catalog.IMAGES, "i", {"id": "i"})]))
+    g = gens()
+    assert (g[Catalog.FLAVORS], g[Catalog.IMAGES], g[Catalog.KEYPAIRS]) == (3, 1, 0)
+    with store.read() as r:
+        meta = dict(r.dump()["meta"])
+        assert meta[b"gen:flavors"] == L.U64.pack(3)
+        # History, not state: the logical dump leaves the generations out.
+        assert not any(k.startswith(b"gen:") for k, _ in r.dump(logical=True)["meta"])
+    # A batch that fails changes no generation.
+    with pytest.raises(RecordError):
+        store.apply(Batch(catalog=[CatalogPut(Catalog.FLAVORS, "9", {"id": "9"}),
+                                   CatalogPut(Catalog.FLAVORS, ("a", "b"), {})]))
+    assert gens()[Catalog.FLAVORS] == 3
+
+
 # -- reads and counters -----------------------------------------------------------------------
 def test_reads_of_unknown_or_malformed_ids(store: Store) -> None:
     with store.read() as r:

@@ -57,7 +57,7 @@ _NIL = b"\xc0"  # msgpack nil: a tombstone without a final record
 class Apply:
     """One run of a batch inside one write transaction."""
 
-    __slots__ = ("d", "txn", "render", "summary", "usage", "horizon")
+    __slots__ = ("d", "txn", "render", "summary", "usage", "horizon", "changed_tables")
 
     def __init__(self, dbs: Dbs, txn: lmdb.Transaction, render: Renderer | None) -> None:
         self.d = dbs
@@ -66,6 +66,7 @@ class Apply:
         self.summary = ApplySummary()
         self.usage: dict[str, list[int]] = {}  # project -> [instances, cores, ram] deltas
         self.horizon = 0
+        self.changed_tables: set[Catalog] = set()  # catalogue tables whose content changed
 
     def run(self, batch: Batch) -> ApplySummary:
         if not batch.repair:
@@ -86,6 +87,8 @@ class Apply:
             self.flush_usage()
         for put in batch.catalog:
             self.catalog(put)
+        for table in self.changed_tables:
+            self.bump_generation(table)
         if batch.cursor is not None:
             self.cursor(batch.cursor, batch.reset_cursor)
         return self.summary
@@ -286,10 +289,23 @@ class Apply:
         db = getattr(self.d, put.table.value)
         key = catalog_key(put.table, put.key)
         if put.value is None:
-            self.txn.delete(key, db=db)
+            if self.txn.delete(key, db=db):
+                self.changed_tables.add(put.table)
         else:
-            self.txn.put(key, R.pack(put.value), db=db)
+            value = R.pack(put.value)
+            # One get more per put: an unchanged entry leaves the generation (and the
+            # store: re-applying a batch writes nothing, P3) as it was.
+            if self.txn.get(key, db=db) != value:
+                self.txn.put(key, value, db=db)
+                self.changed_tables.add(put.table)
         self.summary.catalog += 1
+
+    def bump_generation(self, table: Catalog) -> None:
+        """Raise the table's generation in ``meta`` (once per transaction that changed it)."""
+        key = L.gen_key(table.value)
+        raw = self.txn.get(key, db=self.d.meta)
+        gen = int(L.U64.unpack(raw)[0]) if raw is not None else 0
+        self.txn.put(key, L.U64.pack((gen + 1) & L.MAX_U64), db=self.d.meta)
 
     def cursor(self, cursor: tuple[str, int], reset: bool) -> None:
         cell, seq = cursor

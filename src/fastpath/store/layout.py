@@ -56,6 +56,11 @@ Orders this gives (a forward cursor walk):
 tombstones of servers deleted before ``t`` may have been purged, so an upsert of a
 server the store does not know whose ``updated_at`` is older than ``t`` is refused as stale
 (research notes P4: "absence of a tombstone after GC must be guarded by a GC watermark").
+``b"gen:" + table`` (``gen:flavors``, ``gen:images``, ... one per catalogue table) -> u64:
+the table's *generation*, raised by ``apply`` in the transaction that changes an entry of
+the table (a put of the same value or a delete of nothing leaves it).  Absent = 0.  A
+reader that cached something derived from the table may keep it while the generation read
+in its transaction is the one it was derived at (the flavor responses, ``api/flavors.py``).
 
 Server frame (value of ``servers``)::
 
@@ -122,6 +127,7 @@ CHANGED_DELETED = b"\x01"
 # LMDB refuses empty keys (MDB_BAD_VALSIZE); no project id is NUL, so NUL names the defaults.
 QUOTA_DEFAULTS = b"\x00"
 META_HORIZON = b"tombstone_horizon"
+META_GEN = b"gen:"  # + catalogue table name: that table's generation (u64)
 
 MAX_U64 = 2**64 - 1
 MAX_NAME = 255  # bytes of a project, user, cell, flavor or image id in a key
@@ -235,6 +241,11 @@ def keypair_key(user_id: str, name: str) -> bytes:
 
 def keypair_prefix(user_id: str) -> bytes:
     return name_bytes(user_id, "user_id") + b"\x00"
+
+
+def gen_key(table: str) -> bytes:
+    """The ``meta`` key of a catalogue table's generation (``table``: ``Catalog.value``)."""
+    return META_GEN + table.encode()
 
 
 def outbox_key(seq: int) -> bytes:

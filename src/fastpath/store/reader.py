@@ -11,7 +11,7 @@ import msgpack
 from fastpath.store import layout as L
 from fastpath.store import record as R
 from fastpath.store.apply import changed_is_current
-from fastpath.store.changes import ViewId
+from fastpath.store.changes import Catalog, ViewId
 from fastpath.store.errors import MarkerNotFound, RecordError
 
 if TYPE_CHECKING:
@@ -383,6 +383,16 @@ class Reader:
         cur = self._txn.cursor(db=self._d.cursors)
         return {bytes(k).decode(): int(L.U64.unpack(v)[0]) for k, v in cur}
 
+    def generation(self, table: Catalog) -> int:
+        """The catalogue table's generation (``layout``: ``gen:<table>``; 0 if never changed).
+
+        It moves in every transaction that changes an entry of the table: something derived
+        from the table in a transaction that read generation g is still valid in any later
+        transaction that reads g.
+        """
+        v = self._txn.get(_GEN_KEYS[table], db=self._d.meta)
+        return 0 if v is None else int(L.U64.unpack(v)[0])
+
     def tombstone_horizon(self) -> int:
         v = self._txn.get(L.META_HORIZON, db=self._d.meta)
         return 0 if v is None else int(L.U64.unpack(v)[0])
@@ -392,8 +402,8 @@ class Reader:
         """Every key and value of every database (tests and debugging; not for requests).
 
         ``logical``: what the store means rather than how it got there -- without superseded
-        ``by_changed`` entries and the trim position, which depend on the history of
-        writes and trims, not on the state.
+        ``by_changed`` entries, the trim position and the catalogue generations, which depend
+        on the history of writes and trims, not on the state.
         """
         out = {
             name.decode(): [(bytes(k), bytes(v)) for k, v in self._txn.cursor(db=db)]
@@ -404,7 +414,10 @@ class Reader:
                 (k, v) for k, v in out["by_changed"]
                 if changed_is_current(self._txn, self._d, L.time_of_changed_key(k), k[8:24], v)
             ]
-            out["meta"] = [(k, v) for k, v in out["meta"] if k != L.META_TRIM_POS]
+            out["meta"] = [
+                (k, v) for k, v in out["meta"]
+                if k != L.META_TRIM_POS and not k.startswith(L.META_GEN)
+            ]
         return out
 
     def count(self, database: bytes) -> int:
@@ -416,6 +429,9 @@ class Reader:
         from fastpath.store.check import check
 
         return check(self._txn, self._d)
+
+
+_GEN_KEYS = {table: L.gen_key(table.value) for table in Catalog}
 
 
 def _project_bytes(project: str) -> bytes:
