@@ -140,3 +140,9 @@ def server_summary_json(blob: bytes | memoryview, base_url: bytes, link_project:
 def servers_json_join(blobs: list[bytes | memoryview], version: int, is_admin: bool,
                       base_url: bytes, summary: bool, link_project: bytes = ...,
                       root: bytes = ...) -> bytes: ...
+def servers_page(req: Request, txn: Any, dbs: Any, detail: bool, max_limit: int) -> bytes | None:
+    """The body of GET /servers[/detail] when the query is only limit/marker (Nova's default
+    list of the caller's project); None for any other request (the Python path answers)."""
+def server_show(req: Request, txn: Any, dbs: Any) -> bytes | None:
+    """The body of GET /servers/{id} (query string empty) when the caller may see the
+    server; None otherwise (the Python path answers, 404 included)."""

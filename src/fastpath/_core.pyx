@@ -13,6 +13,7 @@ attribute lookup.  The pieces, by concern:
 * ``http/protocol.pxi``     the asyncio protocol (httptools callbacks, limits, pipelining)
 * ``http/handlers.pxi``     the handlers compiled in (version documents, health)
 * ``http/views.pxi``        server views assembled from pre-rendered fragment blobs
+* ``http/serverpath.pxi``   the default servers list page and the plain show, compiled
 """
 
 cimport cython
@@ -52,6 +53,7 @@ include "http/router.pxi"
 include "http/protocol.pxi"
 include "http/handlers.pxi"
 include "http/views.pxi"
+include "http/serverpath.pxi"
 
 
 # --------------------------------------------------------------------------------------

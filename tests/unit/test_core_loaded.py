@@ -65,7 +65,7 @@ PUBLIC = {
     "HttpProtocol": "class",
     "make_request_id": "def", "mark_api_root": "def", "clock_skew": "def", "sum_counters": "def",
     "views_configure": "def", "server_json": "def", "server_summary_json": "def",
-    "servers_json_join": "def",
+    "servers_json_join": "def", "servers_page": "def", "server_show": "def",
 }
 
 

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from functools import cmp_to_key
 from typing import Any
 
+from fastpath._loader import load_core
 from fastpath.api import common as C
 from fastpath.api import query as Q
 from fastpath.api import views
@@ -45,6 +46,11 @@ from fastpath.store import MarkerNotFound, Reader
 from fastpath.store import layout as L
 from fastpath.store import record as R
 from fastpath.store.record import IndexEntry
+
+_core = load_core()
+# The compiled paths (http/serverpath.pxi) answer the default list page and the plain show;
+# tests switch them off to compare their bodies with the general path's, byte for byte.
+COMPILED = True
 
 # -- Nova's servers query schema (nova/api/openstack/compute/schemas/servers.py) -------------------
 JOINED_TABLE_PARAMS = (
@@ -354,8 +360,14 @@ class ServerRoutes:
         return head is not None and (req.is_admin or head.project_id == req.project)
 
     def show(self, req: Any) -> tuple[int, bytes]:
-        server_id = req.params[0]
         with self.store.read() as r:
+            if COMPILED and not req.query:
+                # PERF: compiled (http/serverpath.pxi); None when the server is not visible
+                # (or anything unusual): the general path below answers.
+                body = _core.server_show(req, r.txn, r.dbs)
+                if body is not None:
+                    return 200, body
+            server_id = req.params[0]
             Q.strict(req)
             if not self._visible(r, req, server_id):
                 raise _not_found(server_id)
@@ -448,6 +460,12 @@ class ServerRoutes:
 
     def _list(self, req: Any, detail: bool) -> tuple[int, bytes]:
         with self.store.read() as r:
+            # PERF: the default page (only limit/marker) walks, filters and assembles in
+            # _core (http/serverpath.pxi); None for anything else: the _ListPlan below.
+            if COMPILED:
+                body = _core.servers_page(req, r.txn, r.dbs, detail, self.max_limit)
+                if body is not None:
+                    return 200, body
             plan = _ListPlan(req, detail, self.max_limit)
             if plan.empty:
                 return 200, b'{"servers": []}'

@@ -72,6 +72,11 @@ class Reader:
         """The raw LMDB transaction, for the compiled request path (already counted)."""
         return self._txn
 
+    @property
+    def dbs(self) -> Any:
+        """The store's database handles (``fastpath.store.dbs.Dbs``), for the compiled path."""
+        return self._d
+
     # -- servers ---------------------------------------------------------------------------------
     def server_raw(self, u: str | bytes) -> Buf | None:
         """The msgpack bytes of a server's record (no decoding), or None."""
