@@ -91,11 +91,16 @@ def capture_request(h: Harness, data: bytes) -> Any:
 
     servers._ListPlan.__init__ = spy  # type: ignore[method-assign]
     servers.ServerRoutes._visible = staticmethod(spy_show)  # type: ignore[assignment]
+    compiled = getattr(servers, "COMPILED", None)
+    if compiled is not None:
+        servers.COMPILED = False  # the compiled paths would answer before any spy runs
     try:
         proto, transport = h.connect()
         proto.data_received(data)
         assert status_of(transport.out[-1]) == 200, transport.out[-1][:300]
     finally:
+        if compiled is not None:
+            servers.COMPILED = compiled
         servers._ListPlan.__init__ = orig  # type: ignore[method-assign]
         servers.ServerRoutes._visible = staticmethod(orig_show)  # type: ignore[assignment]
     return seen[0]
@@ -157,6 +162,10 @@ def list_stages(
     def join_only() -> None:
         views.servers_json_join(blobs, req.version, req.is_admin, base, summary, lp)
 
+    def compiled() -> None:
+        with store.read() as r:
+            servers._core.servers_page(req, r.txn, r.dbs, detail, max_limit)
+
     handler = handlers.detail if detail else handlers.index
     label = "GET /servers/detail?limit=100" if detail else "GET /servers?limit=100"
     row(f"-- {label}", None)
@@ -166,6 +175,8 @@ def list_stages(
     row("+ view gets (x100)", gets)
     row("+ servers_json_join", join)
     row("handler (ServerRoutes.%s)" % ("detail" if detail else "index"), lambda: handler(req))
+    if hasattr(servers._core, "servers_page"):
+        row("  of which: read txn + compiled _core.servers_page", compiled)
     row("whole request (data_received -> write)", lambda: proto.data_received(data))
     row("  apart: walk only, no decoding (x100)", walk_only)
     row("  apart: unpack_index (x100)", unpack)
@@ -245,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         row("+ head (frame get, project check)", show_txn_head, n * 10)
         row("+ view get + server_json", show_view, n * 10)
         row("handler (ServerRoutes.show)", lambda: handlers.show(req), n * 10)
+        if hasattr(servers._core, "server_show"):
+            def show_compiled() -> None:
+                with store.read() as r:
+                    servers._core.server_show(req, r.txn, r.dbs)
+
+            row("  of which: read txn + compiled _core.server_show", show_compiled, n * 10)
         row("whole request (data_received -> write)",
             lambda: proto.data_received(reqs["show"]), n * 10)
         row("  apart: server_json of a bytes blob",
