@@ -882,3 +882,18 @@ def test_expect_100_continue_is_refused_before_the_body_when_the_request_cannot_
         conn = server.exchange(head)
         r = conn.one()  # the final answer, and no "100 Continue" before it
         assert r.status == status and conn.closed, (head, r.status)
+
+
+def test_invalid_or_repeated_host_is_refused(server: Server) -> None:
+    """The Host goes into the links of JSON bodies: nothing that could break out of a JSON
+    string may pass (RFC 9112 3.2: invalid or repeated Host gets 400)."""
+    for host in (b'a"b', b"a\\b", b"a b", b"x\x01y"):
+        conn = server.exchange(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        r = conn.one()
+        assert r.status == 400 and conn.closed, host
+    conn = server.exchange(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert conn.one().status == 400
+    for host in (b"[::1]:8774", b"compute.example.com", b"10.0.0.1:80", b"xn--bcher-kva.example"):
+        conn = server.exchange(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        r = conn.one()
+        assert r.status == 200 and host.decode() in r.body.decode(), host

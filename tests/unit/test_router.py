@@ -272,3 +272,21 @@ def test_api_root_must_exist(server: Server) -> None:
     server.plan.api_roots = ["/v3"]
     with pytest.raises(ValueError, match="no route below /v3"):
         _rebuild(server, server.plan.routes)
+
+
+
+def test_a_literal_dead_end_falls_back_to_the_capture(server: Server) -> None:
+    """/servers/detail/ips is the ips of a server whose id is "detail" (Nova's routes
+    match it so, and the server is then not found), not a path without a route."""
+    store = server.plan.context.store
+    reads = store.read_txns
+    r = server.exchange(request("/v2.1/servers/detail/ips", "X-Auth-Token: a:b")).one()
+    assert r.status == 404
+    assert r.json()["itemNotFound"]["message"] == "Instance detail could not be found."
+    assert store.read_txns == reads + 1  # the ips handler ran
+    # the literal still wins where it leads somewhere
+    r = server.exchange(request("/v2.1/servers/detail", "X-Auth-Token: a:b")).one()
+    assert r.status == 200 and r.json() == {"servers": []}
+    # and a dead end with no capture to fall back to stays a plain 404
+    r = server.exchange(request("/v2.1/flavors/detail/nothing", "X-Auth-Token: a:b")).one()
+    assert r.status == 404

@@ -18,6 +18,21 @@ cdef enum:
 cdef bytes _CRLF = b"\r\n"
 
 
+cdef bint _valid_host(bytes value) noexcept:
+    """uri-host [":" port] (RFC 3986): unreserved, pct-encoded, sub-delims, ":" "[" "]"."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(value)
+    cdef Py_ssize_t i, n = PyBytes_GET_SIZE(value)
+    cdef unsigned char c
+    for i in range(n):
+        c = s[i]
+        if (b'a' <= c <= b'z') or (b'A' <= c <= b'Z') or (b'0' <= c <= b'9'):
+            continue
+        if c in b"-._~%!$&'()*+,;=:[]":
+            continue
+        return False
+    return True
+
+
 cdef inline bint _ieq(bytes name, const char* lower, Py_ssize_t n) noexcept:
     """Case-insensitive compare of a header name with a lower-case literal of length n."""
     cdef const char* s = PyBytes_AS_STRING(name)
@@ -224,6 +239,12 @@ cdef class HttpProtocol:
             return       # a trailer (after a chunked body): counted, never interpreted
         if n == 4:
             if _ieq(name, b"host", 4):
+                # RFC 9112 3.2: a request with more than one Host, or an invalid one, gets
+                # 400.  The Host goes verbatim into the links of JSON bodies, so only the
+                # characters of uri-host [":" port] are let through (no quote, backslash,
+                # space or control character can reach a body).
+                if req.host is not None or not _valid_host(value):
+                    self._abort(400, "Bad request: invalid or repeated Host header.")
                 req.host = value
         elif n == 12:
             if _ieq(name, b"x-auth-token", 12):

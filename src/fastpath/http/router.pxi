@@ -182,6 +182,11 @@ cdef Route lookup(Request req):
     cdef bytes seg
     cdef object route
     cdef int m = req.method
+    # One branch point: the last segment where a literal child was taken although a
+    # "{capture}" child exists too.  If the literal branch leads nowhere, the walk resumes
+    # there through the capture: /servers/detail/ips is server "detail"'s ips, as in Nova.
+    cdef RouteNode bt_node = None
+    cdef Py_ssize_t bt_i = 0, bt_j = 0, bt_ncap = 0
     _lookup_auth = False
     _lookup_status = 404
     req.url_project = None
@@ -190,38 +195,60 @@ cdef Route lookup(Request req):
     # One trailing slash is optional ("/v2.1/servers/"); an empty segment never matches.
     if n > 1 and s[n - 1] == b'/' and s[n - 2] != b'/':
         n -= 1
-    while i < n:
-        j = i
-        while j < n and s[j] != b'/':
-            j += 1
-        if j == i:
-            return None
-        if node.auth_below:
-            _lookup_auth = True
-        child = _literal_child(node, s + i, j - i)
-        if child is None:
-            if node.project_scope and j < n and req.url_project is None:
-                req.url_project = PyBytes_FromStringAndSize(s + i, j - i)
-                i = j + 1
-                continue
-            child = node.capture
-            if child is None:
+    while True:
+        while i < n:
+            j = i
+            while j < n and s[j] != b'/':
+                j += 1
+            if j == i:
                 return None
-            seg = PyBytes_FromStringAndSize(s + i, j - i)
-            if memchr(s + i, b'%', j - i) != NULL:
-                seg = _unquote_to_bytes(seg)
-            if captures is None:
-                captures = []
-            captures.append(seg)
-        node = child
-        i = j + 1
-    route = node.by_method[m] if 0 < m < N_METHODS else None
-    if route is None and m == M_HEAD:
-        route = node.by_method[M_GET]
-    if route is None:
-        if node.allow_line is not None:
-            _lookup_status = 405
-            _lookup_allow = node.allow_line
-        return None
+            if node.auth_below:
+                _lookup_auth = True
+            child = _literal_child(node, s + i, j - i)
+            if child is not None and node.capture is not None:
+                bt_node = node
+                bt_i = i
+                bt_j = j
+                bt_ncap = 0 if captures is None else len(captures)
+            if child is None:
+                if node.project_scope and j < n and req.url_project is None:
+                    req.url_project = PyBytes_FromStringAndSize(s + i, j - i)
+                    i = j + 1
+                    continue
+                child = node.capture
+                if child is None:
+                    break
+                seg = PyBytes_FromStringAndSize(s + i, j - i)
+                if memchr(s + i, b'%', j - i) != NULL:
+                    seg = _unquote_to_bytes(seg)
+                if captures is None:
+                    captures = []
+                captures.append(seg)
+            node = child
+            i = j + 1
+        else:
+            route = node.by_method[m] if 0 < m < N_METHODS else None
+            if route is None and m == M_HEAD:
+                route = node.by_method[M_GET]
+            if route is not None:
+                break
+            if node.allow_line is not None:
+                _lookup_status = 405
+                _lookup_allow = node.allow_line
+                return None
+        # Dead end: resume at the branch point through its capture, once.
+        if bt_node is None:
+            return None
+        node = bt_node.capture
+        bt_node = None
+        seg = PyBytes_FromStringAndSize(s + bt_i, bt_j - bt_i)
+        if memchr(s + bt_i, b'%', bt_j - bt_i) != NULL:
+            seg = _unquote_to_bytes(seg)
+        if captures is None:
+            captures = []
+        del captures[bt_ncap:]
+        captures.append(seg)
+        i = bt_j + 1
+        route = None
     req.captures = () if captures is None else tuple(captures)
     return <Route>route
