@@ -290,3 +290,12 @@ def test_a_literal_dead_end_falls_back_to_the_capture(server: Server) -> None:
     # and a dead end with no capture to fall back to stays a plain 404
     r = server.exchange(request("/v2.1/flavors/detail/nothing", "X-Auth-Token: a:b")).one()
     assert r.status == 404
+
+
+def test_tokens_with_characters_unsafe_in_urls_or_json_are_refused(server: Server) -> None:
+    for token in ('u:b"c', "u:b\\c", "u:a/b", "u:a%22", "us er:p", "u:caf\xc3\xa9"):
+        raw = request("/v2.1/servers", "X-Auth-Token: " + token)
+        r = server.exchange(raw).one()
+        assert r.status == 401, token
+    r = server.exchange(request("/v2.1/servers", "X-Auth-Token: user-1.a_b:proj-9")).one()
+    assert r.status == 200

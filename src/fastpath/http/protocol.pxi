@@ -675,6 +675,12 @@ cdef bint authenticate(Request req) except -1:
     # PERF: split and decode in C (no slices, no find() call).
     s = PyBytes_AS_STRING(token)
     n = PyBytes_GET_SIZE(token)
+    # User and project names end up in URLs and JSON bodies: visible ASCII only, and none
+    # of the characters that would need escaping there (quote, backslash, slash, percent).
+    for i in range(n):
+        if s[i] <= 32 or s[i] >= 127 or s[i] == b'"' or s[i] == b'\\' or s[i] == b'/' \
+                or s[i] == b'%':
+            return False
     colon = <const char*>memchr(s, b':', n)
     if colon == NULL:
         req.user = PyUnicode_DecodeUTF8(s, n, "replace")
