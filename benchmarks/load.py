@@ -22,6 +22,17 @@ figures quoted in docs/benchmarks.md.
 
     python benchmarks/load.py [--workers 2] [--duration 10] [--connections 32] [--threads 1]
                               [--rounds 3] [--scenarios v21,healthz] [--json out.json]
+                              [--data-dir DIR | --seed-with-cli] [--servers N] [--projects P]
+
+The read scenarios need a seeded store: by default ``--servers`` servers are seeded in this
+process into a temporary data dir; ``--seed-with-cli`` seeds it with ``fastpath seed`` (a
+process pool: much faster for large stores); ``--data-dir DIR`` serves an existing data dir
+(e.g. one ``fastpath seed`` filled) and never deletes or writes it.  With the last two the
+scenarios ask as ``fastpath.seed.project_id(0)`` (``--project`` to change it) and the show id
+is that project's newest server, asked of fastpath itself (``GET /servers?limit=1``).
+Before fastpath starts, the store file is read once through the page cache when less than
+all of it is resident (``--no-warm-store`` to skip): the report says how much was resident
+before and after, i.e. whether the run started cold.
 
 Exit status: 0 when every run completed without errors, 1 when a run failed or saw
 socket/HTTP errors (the table marks those), 2 for bad usage or a missing tool.
@@ -187,19 +198,142 @@ def seed_store(data_dir: str, servers: int, projects: int) -> dict[str, Any]:
         store.close()
     newest = seed_uuid(newest_of_project(servers, projects))
     return {
+        "source": "in-process",
         "servers": servers,
         "projects": projects,
         "project": SEED_PROJECT,
+        "token": f"fake:{SEED_PROJECT}",
         "show_id": newest,
         "seconds": round(time.monotonic() - t0, 2),
     }
+
+
+def cli_project(project: str | None) -> tuple[str, str]:
+    """The project and noauth2 token the read scenarios use on a ``fastpath seed`` store:
+    ``fastpath seed`` names project p ``project_id(p)`` and its user ``user_id(p)``."""
+    from fastpath.seed import project_id, user_id
+
+    if project is None or project == project_id(0):
+        return project_id(0), f"{user_id(0)}:{project_id(0)}"
+    return project, f"bench:{project}"
+
+
+def seed_with_cli(
+    fastpath_cmd: str, data_dir: str, servers: int, projects: int, log_path: str
+) -> dict[str, Any]:
+    """``fastpath seed`` into ``data_dir`` (a process pool renders the views)."""
+    argv = [*shlex.split(fastpath_cmd), "seed", "--data-dir", data_dir,
+            "--servers", str(servers), "--projects", str(projects)]
+    t0 = time.monotonic()
+    with open(log_path, "wb") as log:
+        cp = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            timeout=3600, start_new_session=True)
+    if cp.returncode != 0:
+        with open(log_path, "rb") as f:
+            tail = f.read()[-2000:].decode("utf-8", "replace")
+        raise RuntimeError(f"{shlex.join(argv)} failed ({cp.returncode}):\n{tail}")
+    return {"source": "fastpath seed", "command": shlex.join(argv), "servers": servers,
+            "projects": projects, "seconds": round(time.monotonic() - t0, 2)}
+
+
+def store_files(data_dir: str) -> list[str]:
+    """The LMDB data files under ``data_dir``."""
+    out = []
+    for root, _, files in os.walk(data_dir):
+        out += [os.path.join(root, f) for f in files if f == "data.mdb"]
+    return sorted(out)
+
+
+def resident_bytes(path: str) -> tuple[int, int]:
+    """(bytes of ``path`` in the page cache, file size), from mincore(2) on a read-only map."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0, 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    page = mmap.PAGESIZE
+    pages = (size + page - 1) // page
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap {path}")
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            if libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore {path}")
+            resident = sum(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return min(resident * page, size), size
+
+
+def warm_store(data_dir: str, warm: bool) -> dict[str, Any]:
+    """Residency of the store in the page cache; when ``warm`` and not all resident, read
+    the file once (sequentially, 8 MB reads) so that the measured runs do not start cold."""
+    info: dict[str, Any] = {"files": {}, "warmed": False}
+    for path in store_files(data_dir):
+        before, size = resident_bytes(path)
+        entry: dict[str, Any] = {"bytes": size, "resident_before": before}
+        if warm and before < size:
+            t0 = time.monotonic()
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                with contextlib.suppress(AttributeError, OSError):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                while os.read(fd, 8 << 20):
+                    pass
+            finally:
+                os.close(fd)
+            entry["warm_seconds"] = round(time.monotonic() - t0, 2)
+            info["warmed"] = True
+        entry["resident_after"] = resident_bytes(path)[0]
+        info["files"][path] = entry
+    return info
+
+
+def describe_warm(info: dict[str, Any]) -> str:
+    parts = []
+    for path, e in info["files"].items():
+        size = e["bytes"] or 1
+        text = (f"{path} {e['bytes'] / 1e9:.2f} GB, {100 * e['resident_before'] / size:.1f}% "
+                "in the page cache")
+        if "warm_seconds" in e:
+            text += (f"; read once in {e['warm_seconds']:.1f}s -> "
+                     f"{100 * e['resident_after'] / size:.1f}%")
+        parts.append(text)
+    return "; ".join(parts) or "no data.mdb found"
+
+
+def resolve_show_id(port: int, host_header: str, token: str) -> str:
+    """The newest server of the token's project (Nova's default order: created_at desc),
+    asked of fastpath itself: no store is opened in this process while fastpath runs."""
+    status, _, body = http_get(
+        port, "/v2.1/servers?limit=1", host_header, timeout=10,
+        headers=(f"X-Auth-Token: {token}", f"OpenStack-API-Version: compute {READ_MICROVERSION}"),
+    )
+    if status != 200:
+        raise RuntimeError(f"GET /v2.1/servers?limit=1 answered {status}: {body[:300]!r}")
+    servers = json.loads(body)["servers"]
+    if not servers:
+        raise RuntimeError(f"the project of token {token} has no server in this data dir")
+    return str(servers[0]["id"])
 
 
 def bind_scenario(sc: Scenario, seed: dict[str, Any]) -> Scenario:
     """Fill the placeholders of a read scenario from what seeding wrote."""
     if not sc.seeded:
         return sc
-    fill = {"server_id": seed["show_id"], "token": f"fake:{seed['project']}",
+    fill = {"server_id": seed["show_id"], "token": seed["token"],
             "mv": READ_MICROVERSION}
     return replace(
         sc, path=sc.path.format(**fill), headers=tuple(h.format(**fill) for h in sc.headers)
@@ -577,6 +711,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="projects the seeded servers are spread over, round-robin; the read scenarios "
         "ask as the first (default 1)",
     )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="serve this existing, seeded data dir (e.g. filled by 'fastpath seed') instead of "
+        "seeding a temporary one; it is neither written nor deleted (--servers/--projects "
+        "are then ignored)",
+    )
+    p.add_argument(
+        "--seed-with-cli",
+        action="store_true",
+        help="seed the temporary data dir with 'fastpath seed --servers N --projects P' "
+        "(a process pool; much faster than the in-process seeding for large stores)",
+    )
+    p.add_argument(
+        "--project",
+        help="with --data-dir or --seed-with-cli: the project the read scenarios ask as "
+        "(default fastpath.seed.project_id(0), with token user_id(0):project_id(0))",
+    )
+    p.add_argument(
+        "--no-warm-store",
+        dest="warm_store",
+        action="store_false",
+        help="do not read the store file through the page cache before fastpath starts "
+        "(its residency is reported either way)",
+    )
     p.add_argument("--json", metavar="FILE", help="write every run and the summary as JSON")
     p.add_argument(
         "--fastpath-cmd",
@@ -613,6 +772,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--workers, --rounds, --duration and --connections must be positive")
     if args.servers < 1 or args.projects < 1:
         p.error("--servers and --projects must be positive")
+    if args.data_dir and args.seed_with_cli:
+        p.error("--data-dir serves an existing store; --seed-with-cli seeds a new one: not both")
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        p.error(f"--data-dir {args.data_dir}: no such directory")
+    if args.project and not (args.data_dir or args.seed_with_cli):
+        p.error("--project needs --data-dir or --seed-with-cli")
     return args
 
 
@@ -686,18 +851,32 @@ def _bench(
     machine = machine_info(args.wrk, args.nginx)
 
     # fastpath
-    data_dir = os.path.join(tmp, "data")
-    os.makedirs(data_dir)
     seed: dict[str, Any] = {}
-    if any(sc.seeded for sc in scenarios):
-        seed = seed_store(data_dir, args.servers, args.projects)
-        print(
-            f"seeded:   {seed['servers']} servers over {seed['projects']} project(s) and "
-            f"{len(SEED_FLAVORS)} flavors in {seed['seconds']:.1f}s; read scenarios ask as "
-            f"project {seed['project']}, show asks for {seed['show_id']}",
-            flush=True,
-        )
-        scenarios = [bind_scenario(sc, seed) for sc in scenarios]
+    reads = any(sc.seeded for sc in scenarios)
+    if args.data_dir:
+        # Someone else's data dir: only read (fastpath serve opens it), never deleted.
+        data_dir = os.path.abspath(args.data_dir)
+        seed = {"source": "existing data dir", "data_dir": data_dir}
+    else:
+        data_dir = os.path.join(tmp, "data")
+        os.makedirs(data_dir)
+        if reads and args.seed_with_cli:
+            seed = seed_with_cli(args.fastpath_cmd, data_dir, args.servers, args.projects,
+                                 os.path.join(tmp, "seed.log"))
+            print(f"seeded:   {seed['command']} in {seed['seconds']:.1f}s", flush=True)
+        elif reads:
+            seed = seed_store(data_dir, args.servers, args.projects)
+            print(
+                f"seeded:   {seed['servers']} servers over {seed['projects']} project(s) and "
+                f"{len(SEED_FLAVORS)} flavors in {seed['seconds']:.1f}s (in-process)",
+                flush=True,
+            )
+    if reads:
+        if "token" not in seed:
+            seed["project"], seed["token"] = cli_project(args.project)
+        # Page cache: the store is read once here (this process never opens it as LMDB).
+        seed["page_cache"] = warm_store(data_dir, args.warm_store)
+        print(f"store:    {describe_warm(seed['page_cache'])}", flush=True)
     fp_argv = [
         *shlex.split(args.fastpath_cmd),
         "serve",
@@ -713,6 +892,15 @@ def _bench(
     fp = Proc("fastpath", fp_argv, os.path.join(tmp, "fastpath.log"), cwd=tmp)
     procs.append(fp)
     wait_ready(fp, fp_port, "/healthz", host_header, 60)
+    if reads:
+        if "show_id" not in seed:
+            seed["show_id"] = resolve_show_id(fp_port, host_header, seed["token"])
+        print(
+            f"reads:    ask as project {seed['project']} (X-Auth-Token: {seed['token']}); "
+            f"show asks for {seed['show_id']}",
+            flush=True,
+        )
+        scenarios = [bind_scenario(sc, seed) for sc in scenarios]
 
     # The exact bodies fastpath answers, for nginx to serve.
     www = os.path.join(tmp, "www")
@@ -882,6 +1070,10 @@ def _bench(
                     "targets",
                     "servers",
                     "projects",
+                    "data_dir",
+                    "seed_with_cli",
+                    "project",
+                    "warm_store",
                 )
             },
             "machine": machine,
