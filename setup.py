@@ -49,7 +49,7 @@ directives = {
 
 setup(
     package_dir={"": "src", "cellsync": "cellsync"},
-    packages=["fastpath", "fastpath.master", "fastpath.api", "fastpath.api.views", "fastpath.store", "cellsync"],
+    packages=["fastpath", "fastpath.master", "fastpath.api", "fastpath.api.views", "fastpath.store", "fastpath.cell", "cellsync"],
     ext_modules=cythonize(
         extensions,
         compiler_directives=directives,

@@ -1,0 +1,801 @@
+"""The cell database: normalized compute state, the command inbox and the change feed.
+
+A cell owns the truth about its servers (DESIGN.md, "Data flow").  Its database is shaped for
+compute work, in the spirit of Nova's cell database, and is reached only through
+:class:`CellDB`; :class:`SqliteCellDB` is the embedded default (one SQLite file in WAL mode
+under the data dir).  A PostgreSQL backend implements the same interface later.
+
+Schema (``SCHEMA``)
+-------------------
+Times are integers, microseconds since the Unix epoch (UTC), as in the store's record, so
+nothing is lost or reformatted on the way up.  Child rows are keyed by the instance uuid and a
+natural key (P1: no cell-local autoincrement id ever leaves the cell, except the ids of
+actions, faults and events, which are never synced).
+
+``instances``
+    One row per server, deleted ones included (soft delete: ``deleted_at`` set, ``vm_state``
+    ``deleted``).  Scalar columns are :data:`INSTANCE_COLUMNS`; ``image_ref`` is NULL for a
+    volume-backed server.  ``version`` is the per-server version (P2): it only grows, by one
+    per transaction that changes anything about the server, and is what cellsync compares.
+``instance_flavor``
+    The flavor snapshot taken at build (or resize): id, name, vcpus, memory_mb, root_gb,
+    ephemeral_gb, swap (MiB) and ``extra_specs`` (JSON object of strings).
+``instance_extra``
+    JSON columns: ``image_properties`` (image metadata copied at build), ``scheduler_hints``,
+    ``trusted_certs`` (list or NULL), ``server_groups`` (list of group uuids).
+``instance_metadata`` (uuid, key, value), ``instance_tags`` (uuid, tag),
+``instance_security_groups`` (uuid, name, position)
+    The server's user data.
+``virtual_interfaces`` (uuid, instance_uuid, address = MAC, network_label, position) and
+``ip_addresses`` (instance_uuid, address, vif_uuid, version 4/6, type fixed/floating,
+position)
+    Network info: what ``addresses`` renders, with ``OS-EXT-IPS-MAC:mac_addr`` and
+    ``OS-EXT-IPS:type``.
+``volume_attachments`` (instance_uuid, volume_id, device_name, delete_on_termination,
+attached_at)
+    Attached volumes (Nova's block_device_mapping, reduced to what the API shows).
+``instance_faults``
+    Faults (code, message, details, host, created_at); the newest is the server's fault.
+``instance_actions`` and ``instance_actions_events``
+    The os-instance-actions history: one action per command (``request_id``), its events.
+    They are not part of the server record and do not bump its version.
+``hosts``
+    Compute hosts and their capacity: name, node, availability_zone, vcpus, ram_mb, disk_gb,
+    vcpus_used, ram_mb_used, disk_gb_used, status (UP/DOWN/MAINTENANCE: the record's
+    ``host_status``), updated_at.
+``inbox``
+    Commands from the API: ``command_id`` PRIMARY KEY, so delivery is idempotent (P7);
+    instance_uuid, payload (JSON), received_at, state (``new``/``done``/``failed``),
+    finished_at.  Commands done for a server are listed in its record's ``done_commands``.
+``changes``
+    The change feed: ``seq`` INTEGER PRIMARY KEY AUTOINCREMENT (never reused, even after a
+    prune), uuid, version, kind (``upsert``/``delete``), at.  One row is appended, in the same
+    SQL transaction, for every transaction that changed a server (P2, P8).
+``meta``
+    key/value: ``schema`` version.
+
+Writing
+-------
+Every write helper joins the transaction opened by :meth:`CellDB.transaction`, or runs in a
+transaction of its own.  The servers a transaction touches are collected; just before COMMIT
+each gets ``version = version + 1``, ``updated_at`` (now, unless the transaction set it) and
+one ``changes`` row.  So a transaction is one version step per server, whatever it did, and
+an exception anywhere inside rolls back the state change and its feed entry together.
+
+SQLite gives the feed a total order equal to commit order (one writer at a time).  A
+PostgreSQL backend must keep that property (sequences are not commit-ordered: allocate the
+seq under a lock, or publish a "stable up to" watermark), or cellsync would see gaps.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from fastpath.store.record import now_us
+
+SCHEMA_VERSION = 1
+
+INSTANCE_COLUMNS: tuple[str, ...] = (
+    "uuid", "project_id", "user_id", "name", "hostname", "description",
+    "vm_state", "task_state", "power_state", "progress",
+    "locked", "locked_by", "locked_reason",
+    "created_at", "updated_at", "launched_at", "terminated_at", "deleted_at",
+    "host", "node", "instance_name", "availability_zone", "pinned_availability_zone",
+    "image_ref", "key_name", "config_drive", "disk_config", "access_ip_v4", "access_ip_v6",
+    "reservation_id", "launch_index", "kernel_id", "ramdisk_id", "root_device_name",
+    "user_data", "version",
+)
+# Columns update_instance may set (the rest are identity or managed here).
+UPDATABLE: frozenset[str] = frozenset(INSTANCE_COLUMNS) - {"uuid", "version", "created_at"}
+FLAVOR_COLUMNS = ("flavor_id", "name", "vcpus", "memory_mb", "root_gb", "ephemeral_gb", "swap",
+                  "extra_specs")
+EXTRA_COLUMNS = ("image_properties", "scheduler_hints", "trusted_certs", "server_groups")
+HOST_COLUMNS = ("name", "node", "availability_zone", "vcpus", "ram_mb", "disk_gb", "vcpus_used",
+                "ram_mb_used", "disk_gb_used", "status", "updated_at")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS instances (
+    uuid TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    hostname TEXT,
+    description TEXT,
+    vm_state TEXT NOT NULL,
+    task_state TEXT,
+    power_state INTEGER NOT NULL DEFAULT 0,
+    progress INTEGER,
+    locked INTEGER NOT NULL DEFAULT 0,
+    locked_by TEXT,
+    locked_reason TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    launched_at INTEGER,
+    terminated_at INTEGER,
+    deleted_at INTEGER,
+    host TEXT,
+    node TEXT,
+    instance_name TEXT NOT NULL DEFAULT '',
+    availability_zone TEXT,
+    pinned_availability_zone TEXT,
+    image_ref TEXT,
+    key_name TEXT,
+    config_drive TEXT NOT NULL DEFAULT '',
+    disk_config TEXT NOT NULL DEFAULT 'MANUAL',
+    access_ip_v4 TEXT,
+    access_ip_v6 TEXT,
+    reservation_id TEXT NOT NULL DEFAULT '',
+    launch_index INTEGER NOT NULL DEFAULT 0,
+    kernel_id TEXT,
+    ramdisk_id TEXT,
+    root_device_name TEXT,
+    user_data TEXT,
+    version INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS instances_host ON instances (host);
+CREATE TABLE IF NOT EXISTS instance_flavor (
+    instance_uuid TEXT PRIMARY KEY REFERENCES instances (uuid),
+    flavor_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    vcpus INTEGER NOT NULL,
+    memory_mb INTEGER NOT NULL,
+    root_gb INTEGER NOT NULL,
+    ephemeral_gb INTEGER NOT NULL DEFAULT 0,
+    swap INTEGER NOT NULL DEFAULT 0,
+    extra_specs TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS instance_extra (
+    instance_uuid TEXT PRIMARY KEY REFERENCES instances (uuid),
+    image_properties TEXT NOT NULL DEFAULT '{}',
+    scheduler_hints TEXT NOT NULL DEFAULT '{}',
+    trusted_certs TEXT,
+    server_groups TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS instance_metadata (
+    instance_uuid TEXT NOT NULL REFERENCES instances (uuid),
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (instance_uuid, key)
+);
+CREATE TABLE IF NOT EXISTS instance_tags (
+    instance_uuid TEXT NOT NULL REFERENCES instances (uuid),
+    tag TEXT NOT NULL,
+    PRIMARY KEY (instance_uuid, tag)
+);
+CREATE TABLE IF NOT EXISTS instance_security_groups (
+    instance_uuid TEXT NOT NULL REFERENCES instances (uuid),
+    name TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (instance_uuid, name)
+);
+CREATE TABLE IF NOT EXISTS virtual_interfaces (
+    uuid TEXT PRIMARY KEY,
+    instance_uuid TEXT NOT NULL REFERENCES instances (uuid),
+    address TEXT NOT NULL,
+    network_label TEXT NOT NULL,
+    position INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS vifs_instance ON virtual_interfaces (instance_uuid);
+CREATE TABLE IF NOT EXISTS ip_addresses (
+    instance_uuid TEXT NOT NULL REFERENCES instances (uuid),
+    address TEXT NOT NULL,
+    vif_uuid TEXT NOT NULL REFERENCES virtual_interfaces (uuid),
+    version INTEGER NOT NULL,
+    type TEXT NOT NULL DEFAULT 'fixed',
+    position INTEGER NOT NULL,
+    PRIMARY KEY (instance_uuid, address)
+);
+CREATE TABLE IF NOT EXISTS volume_attachments (
+    instance_uuid TEXT NOT NULL REFERENCES instances (uuid),
+    volume_id TEXT NOT NULL,
+    device_name TEXT,
+    delete_on_termination INTEGER NOT NULL DEFAULT 0,
+    attached_at INTEGER NOT NULL,
+    PRIMARY KEY (instance_uuid, volume_id)
+);
+CREATE TABLE IF NOT EXISTS instance_faults (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance_uuid TEXT NOT NULL REFERENCES instances (uuid),
+    code INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    details TEXT,
+    host TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS faults_instance ON instance_faults (instance_uuid, id);
+CREATE TABLE IF NOT EXISTS instance_actions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance_uuid TEXT NOT NULL REFERENCES instances (uuid),
+    request_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    project_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    start_time INTEGER NOT NULL,
+    finish_time INTEGER,
+    message TEXT,
+    UNIQUE (instance_uuid, request_id)
+);
+CREATE TABLE IF NOT EXISTS instance_actions_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    action_id INTEGER NOT NULL REFERENCES instance_actions (id),
+    event TEXT NOT NULL,
+    start_time INTEGER NOT NULL,
+    finish_time INTEGER,
+    result TEXT,
+    traceback TEXT,
+    host TEXT,
+    details TEXT
+);
+CREATE TABLE IF NOT EXISTS hosts (
+    name TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    availability_zone TEXT,
+    vcpus INTEGER NOT NULL,
+    ram_mb INTEGER NOT NULL,
+    disk_gb INTEGER NOT NULL,
+    vcpus_used INTEGER NOT NULL DEFAULT 0,
+    ram_mb_used INTEGER NOT NULL DEFAULT 0,
+    disk_gb_used INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL DEFAULT 'UP',
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS inbox (
+    command_id TEXT PRIMARY KEY,
+    instance_uuid TEXT,
+    payload TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'new',
+    finished_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS inbox_state ON inbox (state, received_at);
+CREATE INDEX IF NOT EXISTS inbox_instance ON inbox (instance_uuid, state);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    uuid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('upsert', 'delete')),
+    at INTEGER NOT NULL
+);
+"""
+
+Change = tuple[int, str, int, str]  # (seq, uuid, version, kind)
+
+
+class CellDBError(Exception):
+    """A cell database operation was refused (unknown server, duplicate, bad field...)."""
+
+
+class CellDB(abc.ABC):
+    """The interface of a cell's database (SQLite today, PostgreSQL later)."""
+
+    # -- writing (the cell service and its compute driver) --------------------------------
+    @abc.abstractmethod
+    def transaction(self) -> Any:
+        """A context manager: one atomic SQL transaction; the helpers below join it."""
+
+    @abc.abstractmethod
+    def create_instance(self, values: Mapping[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    def update_instance(self, uuid: str, **fields: Any) -> None: ...
+
+    @abc.abstractmethod
+    def delete_instance(self, uuid: str, deleted_at: int | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def set_metadata(self, uuid: str, metadata: Mapping[str, str]) -> None: ...
+
+    @abc.abstractmethod
+    def set_tags(self, uuid: str, tags: Sequence[str]) -> None: ...
+
+    @abc.abstractmethod
+    def add_fault(self, uuid: str, code: int, message: str, details: str | None = None,
+                  host: str | None = None, created_at: int | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def record_action(self, uuid: str, request_id: str, action: str, project_id: str,
+                      user_id: str, start_time: int | None = None) -> int: ...
+
+    @abc.abstractmethod
+    def accept_command(self, command_id: str, payload: Mapping[str, Any],
+                       instance_uuid: str | None = None) -> bool: ...
+
+    # -- reading (cellsync, verify, resync) ----------------------------------------------
+    @abc.abstractmethod
+    def changes_after(self, seq: int, limit: int) -> list[Change]: ...
+
+    @abc.abstractmethod
+    def max_seq(self) -> int: ...
+
+    @abc.abstractmethod
+    def min_seq(self) -> int: ...
+
+    @abc.abstractmethod
+    def prune_changes(self, upto_seq: int) -> int: ...
+
+    @abc.abstractmethod
+    def load_instance(self, uuid: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    def all_instance_versions(self) -> list[tuple[str, int, str]]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+def _dumps(v: Any) -> str:
+    return json.dumps(v, separators=(",", ":"), sort_keys=True)
+
+
+class SqliteCellDB(CellDB):
+    """The embedded cell database: one SQLite file, WAL, ``synchronous=FULL``.
+
+    One connection per object, used from one thread.  Several processes may open the same
+    file (the cell service writes, cellsync reads): WAL lets readers run beside the writer,
+    and ``busy_timeout`` makes writers wait for each other instead of failing.
+    """
+
+    def __init__(self, path: str, busy_timeout_ms: int = 10_000) -> None:
+        self.path = path
+        # isolation_level=None: no implicit transactions; BEGIN/COMMIT are ours.
+        self._conn = sqlite3.connect(path, isolation_level=None)
+        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a committed change-feed entry survives power loss (WAL + NORMAL may not).
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn.execute("PRAGMA foreign_keys = ON")
+        self._depth = 0
+        self._dirty: dict[str, bool] = {}  # uuid -> updated_at set explicitly
+        self._create_schema()
+
+    # -- connection and transactions --------------------------------------------------------
+    def _create_schema(self) -> None:
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    cur.execute(stmt)
+            row = cur.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is None:
+                cur.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise CellDBError(f"{self.path}: cell schema {row[0]}, expected {SCHEMA_VERSION}")
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[SqliteCellDB]:
+        """One write transaction (BEGIN IMMEDIATE); nested calls join the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        self._dirty = {}
+        try:
+            yield self
+            self._flush()
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        finally:
+            self._depth = 0
+            self._dirty = {}
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A consistent read: inside the current transaction, or a read transaction."""
+        if self._depth:
+            yield self._conn
+            return
+        self._conn.execute("BEGIN")
+        try:
+            yield self._conn
+        finally:
+            self._conn.execute("COMMIT")
+
+    def _touch(self, uuid: str, explicit_updated_at: bool = False) -> None:
+        self._dirty[uuid] = self._dirty.get(uuid, False) or explicit_updated_at
+
+    def _flush(self) -> None:
+        """One version step and one feed entry per server this transaction touched."""
+        now = now_us()
+        ex = self._conn.execute
+        for uuid, explicit in self._dirty.items():
+            if explicit:
+                ex("UPDATE instances SET version = version + 1 WHERE uuid = ?", (uuid,))
+            else:
+                ex("UPDATE instances SET version = version + 1, updated_at = ? WHERE uuid = ?",
+                   (now, uuid))
+            version, deleted_at = ex("SELECT version, deleted_at FROM instances WHERE uuid = ?",
+                                     (uuid,)).fetchone()
+            kind = "upsert" if deleted_at is None else "delete"
+            ex("INSERT INTO changes (uuid, version, kind, at) VALUES (?, ?, ?, ?)",
+               (uuid, version, kind, now))
+
+    def _require(self, uuid: str) -> None:
+        if self._conn.execute("SELECT 1 FROM instances WHERE uuid = ?", (uuid,)).fetchone() is None:
+            raise CellDBError(f"no instance {uuid}")
+
+    # -- writing ---------------------------------------------------------------------------
+    def create_instance(self, values: Mapping[str, Any]) -> None:
+        """Insert a server and its child rows.
+
+        ``values``: :data:`INSTANCE_COLUMNS` (``uuid``, ``project_id``, ``user_id``, ``name``,
+        ``vm_state`` required; ``version`` not accepted) plus ``flavor`` (required: id, name,
+        vcpus, ram, disk, ephemeral, swap, extra_specs -- the record's keys), and optionally
+        ``metadata``, ``tags``, ``security_groups``, ``network`` (see :meth:`set_network`),
+        ``volumes`` (list of {id, delete_on_termination[, device_name]}),
+        ``image_properties``, ``scheduler_hints``, ``trusted_image_certificates``,
+        ``server_groups``.
+        """
+        nested = {"flavor", "metadata", "tags", "security_groups", "network", "volumes",
+                  "image_properties", "scheduler_hints", "trusted_image_certificates",
+                  "server_groups"}
+        unknown = set(values) - set(INSTANCE_COLUMNS) - nested
+        if unknown or "version" in values:
+            bad = sorted(unknown | ({"version"} & set(values)))
+            raise CellDBError(f"create_instance: refused field(s) {bad}")
+        if "flavor" not in values:
+            raise CellDBError("create_instance: a flavor snapshot is required")
+        cols = {k: v for k, v in values.items() if k in INSTANCE_COLUMNS}
+        now = now_us()
+        cols.setdefault("created_at", now)
+        cols.setdefault("updated_at", cols["created_at"])
+        if "locked" in cols:
+            cols["locked"] = int(bool(cols["locked"]))
+        uuid = cols["uuid"]
+        with self.transaction():
+            try:
+                self._conn.execute(
+                    f"INSERT INTO instances ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    tuple(cols.values()))
+            except sqlite3.IntegrityError as e:
+                raise CellDBError(f"create_instance {uuid}: {e}") from e
+            self._touch(uuid, explicit_updated_at="updated_at" in values)
+            self.set_flavor(uuid, values["flavor"])
+            self._conn.execute(
+                "INSERT INTO instance_extra (instance_uuid, image_properties, scheduler_hints,"
+                " trusted_certs, server_groups) VALUES (?, ?, ?, ?, ?)",
+                (uuid, _dumps(values.get("image_properties", {})),
+                 _dumps(values.get("scheduler_hints", {})),
+                 None if values.get("trusted_image_certificates") is None
+                 else _dumps(values["trusted_image_certificates"]),
+                 _dumps(values.get("server_groups", []))))
+            self.set_metadata(uuid, values.get("metadata", {}))
+            self.set_tags(uuid, values.get("tags", []))
+            self.set_security_groups(uuid, values.get("security_groups", []))
+            self.set_network(uuid, values.get("network", []))
+            for vol in values.get("volumes", []):
+                self.attach_volume(uuid, vol["id"], bool(vol.get("delete_on_termination", False)),
+                                   vol.get("device_name"))
+
+    def update_instance(self, uuid: str, **fields: Any) -> None:
+        """Set scalar columns of a server (bumps its version once per transaction)."""
+        bad = set(fields) - UPDATABLE
+        if bad:
+            raise CellDBError(f"update_instance: refused field(s) {sorted(bad)}")
+        if "locked" in fields:
+            fields["locked"] = int(bool(fields["locked"]))
+        with self.transaction():
+            self._require(uuid)
+            if fields:
+                self._conn.execute(
+                    f"UPDATE instances SET {', '.join(f'{k} = ?' for k in fields)} WHERE uuid = ?",
+                    (*fields.values(), uuid))
+            self._touch(uuid, explicit_updated_at="updated_at" in fields)
+
+    def delete_instance(self, uuid: str, deleted_at: int | None = None) -> None:
+        """Soft-delete: ``deleted_at``, vm_state ``deleted``; its feed entry is a ``delete``."""
+        at = now_us() if deleted_at is None else deleted_at
+        with self.transaction():
+            self._require(uuid)
+            self._conn.execute(
+                "UPDATE instances SET vm_state = 'deleted', task_state = NULL, power_state = 0,"
+                " deleted_at = COALESCE(deleted_at, ?), terminated_at = COALESCE(terminated_at, ?)"
+                " WHERE uuid = ?", (at, at, uuid))
+            self._touch(uuid)
+
+    def set_flavor(self, uuid: str, flavor: Mapping[str, Any]) -> None:
+        """Replace the flavor snapshot (record keys: id, name, vcpus, ram, disk, ...)."""
+        with self.transaction():
+            self._require(uuid)
+            self._conn.execute(
+                "INSERT OR REPLACE INTO instance_flavor VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (uuid, str(flavor["id"]), flavor["name"], flavor["vcpus"], flavor["ram"],
+                 flavor["disk"], flavor.get("ephemeral", 0), flavor.get("swap", 0),
+                 _dumps(dict(flavor.get("extra_specs", {})))))
+            self._touch(uuid)
+
+    def update_extra(self, uuid: str, **fields: Any) -> None:
+        """Set JSON columns of instance_extra (:data:`EXTRA_COLUMNS`)."""
+        bad = set(fields) - set(EXTRA_COLUMNS)
+        if bad:
+            raise CellDBError(f"update_extra: refused field(s) {sorted(bad)}")
+        with self.transaction():
+            self._require(uuid)
+            for k, v in fields.items():
+                self._conn.execute(f"UPDATE instance_extra SET {k} = ? WHERE instance_uuid = ?",
+                                   (None if v is None else _dumps(v), uuid))
+            self._touch(uuid)
+
+    def set_metadata(self, uuid: str, metadata: Mapping[str, str]) -> None:
+        """Replace all metadata of a server."""
+        with self.transaction():
+            self._require(uuid)
+            self._conn.execute("DELETE FROM instance_metadata WHERE instance_uuid = ?", (uuid,))
+            self._conn.executemany("INSERT INTO instance_metadata VALUES (?, ?, ?)",
+                                   [(uuid, k, v) for k, v in metadata.items()])
+            self._touch(uuid)
+
+    def set_tags(self, uuid: str, tags: Sequence[str]) -> None:
+        """Replace all tags of a server (duplicates collapse)."""
+        with self.transaction():
+            self._require(uuid)
+            self._conn.execute("DELETE FROM instance_tags WHERE instance_uuid = ?", (uuid,))
+            self._conn.executemany("INSERT OR IGNORE INTO instance_tags VALUES (?, ?)",
+                                   [(uuid, t) for t in tags])
+            self._touch(uuid)
+
+    def set_security_groups(self, uuid: str, names: Sequence[str]) -> None:
+        with self.transaction():
+            self._require(uuid)
+            self._conn.execute("DELETE FROM instance_security_groups WHERE instance_uuid = ?",
+                               (uuid,))
+            self._conn.executemany("INSERT OR IGNORE INTO instance_security_groups VALUES (?, ?, ?)",
+                                   [(uuid, n, i) for i, n in enumerate(names)])
+            self._touch(uuid)
+
+    def set_network(self, uuid: str, vifs: Sequence[Mapping[str, Any]]) -> None:
+        """Replace the network info: ``[{uuid, mac, network, ips: [{addr, version, type}]}]``."""
+        with self.transaction():
+            self._require(uuid)
+            ex = self._conn.execute
+            ex("DELETE FROM ip_addresses WHERE instance_uuid = ?", (uuid,))
+            ex("DELETE FROM virtual_interfaces WHERE instance_uuid = ?", (uuid,))
+            pos = 0
+            for i, vif in enumerate(vifs):
+                vif_uuid = vif.get("uuid") or f"{uuid}-vif{i}"
+                ex("INSERT INTO virtual_interfaces VALUES (?, ?, ?, ?, ?)",
+                   (vif_uuid, uuid, vif["mac"], vif["network"], i))
+                for ip in vif.get("ips", []):
+                    ex("INSERT INTO ip_addresses VALUES (?, ?, ?, ?, ?, ?)",
+                       (uuid, ip["addr"], vif_uuid, ip["version"], ip.get("type", "fixed"), pos))
+                    pos += 1
+            self._touch(uuid)
+
+    def attach_volume(self, uuid: str, volume_id: str, delete_on_termination: bool = False,
+                      device_name: str | None = None) -> None:
+        with self.transaction():
+            self._require(uuid)
+            self._conn.execute(
+                "INSERT OR REPLACE INTO volume_attachments VALUES (?, ?, ?, ?, ?)",
+                (uuid, volume_id, device_name, int(delete_on_termination), now_us()))
+            self._touch(uuid)
+
+    def detach_volume(self, uuid: str, volume_id: str) -> None:
+        with self.transaction():
+            self._require(uuid)
+            self._conn.execute(
+                "DELETE FROM volume_attachments WHERE instance_uuid = ? AND volume_id = ?",
+                (uuid, volume_id))
+            self._touch(uuid)
+
+    def add_fault(self, uuid: str, code: int, message: str, details: str | None = None,
+                  host: str | None = None, created_at: int | None = None) -> None:
+        """Record a fault; the newest fault is the server's ``fault``."""
+        with self.transaction():
+            self._require(uuid)
+            self._conn.execute(
+                "INSERT INTO instance_faults (instance_uuid, code, message, details, host,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (uuid, code, message, details, host, now_us() if created_at is None else created_at))
+            self._touch(uuid)
+
+    def record_action(self, uuid: str, request_id: str, action: str, project_id: str,
+                      user_id: str, start_time: int | None = None) -> int:
+        """Start an instance action (idempotent per (uuid, request_id)); returns its id.
+
+        Actions are history, not part of the server record: no version step.
+        """
+        with self.transaction():
+            self._require(uuid)
+            self._conn.execute(
+                "INSERT OR IGNORE INTO instance_actions (instance_uuid, request_id, action,"
+                " project_id, user_id, start_time) VALUES (?, ?, ?, ?, ?, ?)",
+                (uuid, request_id, action, project_id, user_id,
+                 now_us() if start_time is None else start_time))
+            row = self._conn.execute(
+                "SELECT id FROM instance_actions WHERE instance_uuid = ? AND request_id = ?",
+                (uuid, request_id)).fetchone()
+            return int(row[0])
+
+    def add_action_event(self, action_id: int, event: str, result: str | None = None,
+                         host: str | None = None, traceback: str | None = None,
+                         details: str | None = None, start_time: int | None = None,
+                         finish_time: int | None = None) -> int:
+        with self.transaction():
+            cur = self._conn.execute(
+                "INSERT INTO instance_actions_events (action_id, event, start_time, finish_time,"
+                " result, traceback, host, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (action_id, event, now_us() if start_time is None else start_time, finish_time,
+                 result, traceback, host, details))
+            return int(cur.lastrowid or 0)
+
+    def finish_action(self, action_id: int, message: str | None = None,
+                      finish_time: int | None = None) -> None:
+        with self.transaction():
+            self._conn.execute(
+                "UPDATE instance_actions SET finish_time = ?, message = ? WHERE id = ?",
+                (now_us() if finish_time is None else finish_time, message, action_id))
+
+    def upsert_host(self, name: str, node: str, vcpus: int, ram_mb: int, disk_gb: int,
+                    availability_zone: str | None = None, status: str = "UP") -> None:
+        """Declare a compute host and its capacity (usage columns are kept)."""
+        with self.transaction():
+            self._conn.execute(
+                "INSERT INTO hosts (name, node, availability_zone, vcpus, ram_mb, disk_gb,"
+                " status, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO"
+                " UPDATE SET node = excluded.node, availability_zone = excluded.availability_zone,"
+                " vcpus = excluded.vcpus, ram_mb = excluded.ram_mb, disk_gb = excluded.disk_gb,"
+                " status = excluded.status, updated_at = excluded.updated_at",
+                (name, node, availability_zone, vcpus, ram_mb, disk_gb, status, now_us()))
+
+    def host(self, name: str) -> dict[str, Any] | None:
+        with self._snapshot() as c:
+            row = c.execute(f"SELECT {', '.join(HOST_COLUMNS)} FROM hosts WHERE name = ?",
+                            (name,)).fetchone()
+        return None if row is None else dict(zip(HOST_COLUMNS, row, strict=True))
+
+    def accept_command(self, command_id: str, payload: Mapping[str, Any],
+                       instance_uuid: str | None = None) -> bool:
+        """Store a command from the API; False if this command id was already accepted."""
+        with self.transaction():
+            cur = self._conn.execute(
+                "INSERT OR IGNORE INTO inbox (command_id, instance_uuid, payload, received_at)"
+                " VALUES (?, ?, ?, ?)", (command_id, instance_uuid, _dumps(payload), now_us()))
+            return cur.rowcount == 1
+
+    def pending_commands(self, limit: int = 100) -> list[tuple[str, str | None, dict[str, Any]]]:
+        """Accepted commands not yet finished, oldest first: (command_id, uuid, payload)."""
+        with self._snapshot() as c:
+            rows = c.execute(
+                "SELECT command_id, instance_uuid, payload FROM inbox WHERE state = 'new'"
+                " ORDER BY received_at, command_id LIMIT ?", (limit,)).fetchall()
+        return [(cid, u, json.loads(p)) for cid, u, p in rows]
+
+    def finish_command(self, command_id: str, state: str = "done") -> None:
+        """Mark a command done/failed; its server (if any) lists it in ``done_commands``."""
+        if state not in ("done", "failed"):
+            raise CellDBError(f"finish_command: bad state {state!r}")
+        with self.transaction():
+            row = self._conn.execute("SELECT instance_uuid FROM inbox WHERE command_id = ?",
+                                     (command_id,)).fetchone()
+            if row is None:
+                raise CellDBError(f"no command {command_id}")
+            self._conn.execute(
+                "UPDATE inbox SET state = ?, finished_at = ? WHERE command_id = ?",
+                (state, now_us(), command_id))
+            if row[0] is not None:
+                self._require(row[0])
+                self._touch(row[0])
+
+    # -- reading (cellsync) ---------------------------------------------------------------
+    def changes_after(self, seq: int, limit: int) -> list[Change]:
+        """Feed entries with ``seq`` greater than ``seq``, in order, at most ``limit``."""
+        with self._snapshot() as c:
+            rows = c.execute("SELECT seq, uuid, version, kind FROM changes WHERE seq > ?"
+                             " ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
+        return [(int(s), u, int(v), k) for s, u, v, k in rows]
+
+    def max_seq(self) -> int:
+        """The highest seq ever assigned (0 if none), pruned entries included."""
+        with self._snapshot() as c:
+            row = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def min_seq(self) -> int:
+        """The lowest seq still in the feed; ``max_seq() + 1`` when the feed is empty.
+
+        A consumer whose cursor ``c`` is below ``min_seq() - 1`` has missed pruned entries
+        and must resync (P9): never a silent loss.
+        """
+        with self._snapshot() as c:
+            row = c.execute("SELECT MIN(seq) FROM changes").fetchone()
+            if row[0] is not None:
+                return int(row[0])
+            top = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        return 1 if top is None else int(top[0]) + 1
+
+    def prune_changes(self, upto_seq: int) -> int:
+        """Delete feed entries with ``seq <= upto_seq``; returns how many."""
+        with self.transaction():
+            cur = self._conn.execute("DELETE FROM changes WHERE seq <= ?", (upto_seq,))
+            return cur.rowcount
+
+    def load_instance(self, uuid: str) -> dict[str, Any] | None:
+        """All normalized rows of one server, read in one snapshot; None if unknown.
+
+        ``{"instance": {column: value}, "flavor": {...}, "extra": {...}, "metadata": {k: v},
+        "tags": [...], "security_groups": [...], "vifs": [{uuid, mac, network}],
+        "ips": [{addr, vif_uuid, version, type}], "volumes": [{id, device_name,
+        delete_on_termination}], "fault": newest fault or None, "host": host row or None,
+        "done_commands": [...]}``; JSON columns decoded, booleans as bool.
+        """
+        with self._snapshot() as c:
+            row = c.execute(f"SELECT {', '.join(INSTANCE_COLUMNS)} FROM instances WHERE uuid = ?",
+                            (uuid,)).fetchone()
+            if row is None:
+                return None
+            inst = dict(zip(INSTANCE_COLUMNS, row, strict=True))
+            inst["locked"] = bool(inst["locked"])
+            frow = c.execute(f"SELECT {', '.join(FLAVOR_COLUMNS)} FROM instance_flavor"
+                             " WHERE instance_uuid = ?", (uuid,)).fetchone()
+            flavor = None
+            if frow is not None:
+                flavor = dict(zip(FLAVOR_COLUMNS, frow, strict=True))
+                flavor["extra_specs"] = json.loads(flavor["extra_specs"])
+            erow = c.execute(f"SELECT {', '.join(EXTRA_COLUMNS)} FROM instance_extra"
+                             " WHERE instance_uuid = ?", (uuid,)).fetchone()
+            extra: dict[str, Any] = {"image_properties": {}, "scheduler_hints": {},
+                                     "trusted_certs": None, "server_groups": []}
+            if erow is not None:
+                extra = {k: None if v is None else json.loads(v)
+                         for k, v in zip(EXTRA_COLUMNS, erow, strict=True)}
+            metadata = dict(c.execute("SELECT key, value FROM instance_metadata"
+                                      " WHERE instance_uuid = ? ORDER BY key", (uuid,)).fetchall())
+            tags = [t for (t,) in c.execute("SELECT tag FROM instance_tags WHERE instance_uuid = ?"
+                                            " ORDER BY tag", (uuid,))]
+            groups = [n for (n,) in c.execute(
+                "SELECT name FROM instance_security_groups WHERE instance_uuid = ?"
+                " ORDER BY position", (uuid,))]
+            vifs = [{"uuid": u, "mac": m, "network": n} for u, m, n in c.execute(
+                "SELECT uuid, address, network_label FROM virtual_interfaces"
+                " WHERE instance_uuid = ? ORDER BY position", (uuid,))]
+            ips = [{"addr": a, "vif_uuid": vu, "version": v, "type": t} for a, vu, v, t in c.execute(
+                "SELECT address, vif_uuid, version, type FROM ip_addresses"
+                " WHERE instance_uuid = ? ORDER BY position", (uuid,))]
+            volumes = [{"id": v, "device_name": d, "delete_on_termination": bool(x)}
+                       for v, d, x in c.execute(
+                           "SELECT volume_id, device_name, delete_on_termination"
+                           " FROM volume_attachments WHERE instance_uuid = ?"
+                           " ORDER BY attached_at, volume_id", (uuid,))]
+            frow = c.execute("SELECT code, message, details, host, created_at FROM instance_faults"
+                             " WHERE instance_uuid = ? ORDER BY id DESC LIMIT 1", (uuid,)).fetchone()
+            fault = None if frow is None else dict(
+                zip(("code", "message", "details", "host", "created_at"), frow, strict=True))
+            host = None
+            if inst["host"] is not None:
+                hrow = c.execute(f"SELECT {', '.join(HOST_COLUMNS)} FROM hosts WHERE name = ?",
+                                 (inst["host"],)).fetchone()
+                host = None if hrow is None else dict(zip(HOST_COLUMNS, hrow, strict=True))
+            done = [cid for (cid,) in c.execute(
+                "SELECT command_id FROM inbox WHERE instance_uuid = ? AND state != 'new'"
+                " ORDER BY finished_at, command_id", (uuid,))]
+        return {"instance": inst, "flavor": flavor, "extra": extra, "metadata": metadata,
+                "tags": tags, "security_groups": groups, "vifs": vifs, "ips": ips,
+                "volumes": volumes, "fault": fault, "host": host, "done_commands": done}
+
+    def all_instance_versions(self) -> list[tuple[str, int, str]]:
+        """``(uuid, version, 'upsert' | 'delete')`` of every server, by uuid (verify, resync)."""
+        with self._snapshot() as c:
+            rows = c.execute("SELECT uuid, version, deleted_at IS NOT NULL FROM instances"
+                             " ORDER BY uuid").fetchall()
+        return [(u, int(v), "delete" if d else "upsert") for u, v, d in rows]
