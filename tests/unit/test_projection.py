@@ -164,3 +164,30 @@ def test_missing_flavor_is_a_projection_error(db: SqliteCellDB) -> None:
     rows["instance"]["power_state"] = "on"  # a bad value is named, not passed on
     with pytest.raises(ProjectionError, match=U):
         project_record(rows, "cell1")
+
+
+def test_feed_projected_into_the_store_converges_and_deletes_stay_deleted(
+        db: SqliteCellDB, tmp_path: Path) -> None:
+    from fastpath.store import Batch, Store
+
+    rec = sample_record(U, seed=6)
+    db.create_instance(cell_values_of(rec))
+    early = db.load_instance(U)  # a stale read, replayed after the delete below
+    assert early is not None
+    db.update_instance(U, vm_state="active", task_state=None)
+    db.delete_instance(U)
+    store = Store.open(tmp_path / "api", map_size=64 << 20, sync=False, metasync=False)
+    try:
+        changes = db.changes_after(0, 100)
+        batch = [project_change(r, "cell1") for r in
+                 (db.load_instance(u) for _, u, _, _ in changes) if r is not None]
+        store.apply(Batch(batch, cursor=("cell1", changes[-1][0])), render_server)
+        store.apply(Batch([project_change(early, "cell1")]), render_server)  # late, old
+        with store.read() as r:
+            assert r.get_server(U) is None
+            tomb = r.tombstone(U)
+            assert tomb is not None and tomb.version == 3
+            assert tomb.record is not None and tomb.record["status"] == "DELETED"
+            assert r.check() == []
+    finally:
+        store.close()
