@@ -107,7 +107,7 @@ def test_pruned_feed_forces_a_resync(env: tuple[Store, dict[str, SqliteCellDB]])
     store, cells = env
     db = cells["cell1"]
     a = create(db, 1)
-    s = CellSync(store, {"cell1": db})
+    s = CellSync(store, {"cell1": db}, batch=1)  # the resync applies in several batches
     s.run_until_idle()
     b, c = create(db, 2), create(db, 3)
     db.update_instance(a, name="renamed")
@@ -117,6 +117,7 @@ def test_pruned_feed_forces_a_resync(env: tuple[Store, dict[str, SqliteCellDB]])
     assert len(div) == 3  # a behind, b and c missing
     res = s.sync_once("cell1")
     assert res.resynced and res.reason == "gap" and res.cursor == db.max_seq()
+    assert len(res.summaries) == 3 and res.servers == 3
     with store.read() as r:
         ra = r.get_server(a)
         assert ra is not None and ra["name"] == "renamed"
