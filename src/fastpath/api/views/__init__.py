@@ -44,6 +44,7 @@ request (``/v2.1``, or ``/v2`` for the legacy endpoint) as ``root``.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 from fastpath._loader import load_core
@@ -80,9 +81,9 @@ _core = load_core()
 
 
 # -- write time ----------------------------------------------------------------------------
-def render_server(record: dict[str, Any]) -> dict[bytes, bytes]:
+def render_server(record: Mapping[str, Any]) -> dict[bytes, bytes]:
     """``{VIEW_ID: blob}``: every fragment of every view of ``record``, rendered once."""
-    frags = table.render_fragments(record)
+    frags = table.render_fragments(record if isinstance(record, dict) else dict(record))
     offsets = [0]
     for f in frags:
         offsets.append(offsets[-1] + len(f))
