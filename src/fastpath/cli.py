@@ -63,6 +63,30 @@ def cmd_seed(args: argparse.Namespace) -> int:
                      settings)
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Compare the store with every cell; the last line is a contract (scripts parse it)."""
+    from cellsync.__main__ import open_all
+    from cellsync.verify import summary_line, verify
+
+    settings, _ = _settings_from_args(args)
+    store, cells = open_all(settings["data_dir"])
+    try:
+        checked, divergences = verify(store, cells)
+    finally:
+        store.close()
+    for line in divergences:
+        print(line)
+    print(summary_line(checked, len(cells), len(divergences)))
+    return 1 if divergences else 0
+
+
+def cmd_resync(args: argparse.Namespace) -> int:
+    from cellsync.__main__ import resync_main
+
+    settings, _ = _settings_from_args(args)
+    return resync_main(settings["data_dir"], args.cell)
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     from fastpath import settings as settings_mod
 
@@ -115,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rendering processes (default: one per core)")
     p.set_defaults(func=cmd_seed)
 
+    p = sub.add_parser("verify", help="compare the API store with every cell (exit 1 if divergent)")
+    common(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("resync", help="repair the API store from a full scan of the cells")
+    common(p)
+    p.add_argument("--cell", metavar="NAME", help="only this cell")
+    p.set_defaults(func=cmd_resync)
+
     p = sub.add_parser("settings", help="print the effective settings, or their documentation")
     common(p, serve=True)
     p.add_argument("--markdown", action="store_true", help="print the settings document")
@@ -136,5 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MasterError as exc:
         print(f"fastpath: {exc}", file=sys.stderr)
         return 1
+    except FileNotFoundError as exc:
+        print(f"fastpath: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
