@@ -306,6 +306,14 @@ class CellDB(abc.ABC):
     def accept_command(self, command_id: str, payload: Mapping[str, Any],
                        instance_uuid: str | None = None) -> bool: ...
 
+    @abc.abstractmethod
+    def finish_action_event(self, event_id: int, result: str, traceback: str | None = None,
+                            finish_time: int | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def set_host_usage(self, name: str, vcpus_used: int, ram_mb_used: int,
+                       disk_gb_used: int) -> None: ...
+
     # -- reading (cellsync, verify, resync) ----------------------------------------------
     @abc.abstractmethod
     def changes_after(self, seq: int, limit: int) -> list[Change]: ...
@@ -430,8 +438,12 @@ class SqliteCellDB(CellDB):
             ex("INSERT INTO changes (uuid, version, kind, at) VALUES (?, ?, ?, ?)",
                (uuid, version, kind, now))
 
+    def _exists(self, uuid: str) -> bool:
+        return self._conn.execute(
+            "SELECT 1 FROM instances WHERE uuid = ?", (uuid,)).fetchone() is not None
+
     def _require(self, uuid: str) -> None:
-        if self._conn.execute("SELECT 1 FROM instances WHERE uuid = ?", (uuid,)).fetchone() is None:
+        if not self._exists(uuid):
             raise CellDBError(f"no instance {uuid}")
 
     # -- writing ---------------------------------------------------------------------------
@@ -646,6 +658,27 @@ class SqliteCellDB(CellDB):
                 "UPDATE instance_actions SET finish_time = ?, message = ? WHERE id = ?",
                 (now_us() if finish_time is None else finish_time, message, action_id))
 
+    def finish_action_event(self, event_id: int, result: str,
+                            traceback: str | None = None,
+                            finish_time: int | None = None) -> None:
+        """Close an instance action event (``result`` Success or Error)."""
+        with self.transaction():
+            self._conn.execute(
+                "UPDATE instance_actions_events SET finish_time = ?, result = ?, traceback = ?"
+                " WHERE id = ?",
+                (now_us() if finish_time is None else finish_time, result, traceback, event_id))
+
+    def set_host_usage(self, name: str, vcpus_used: int, ram_mb_used: int,
+                       disk_gb_used: int) -> None:
+        """What the host's servers claim (``upsert_host`` declares capacity, keeps usage)."""
+        with self.transaction():
+            cur = self._conn.execute(
+                "UPDATE hosts SET vcpus_used = ?, ram_mb_used = ?, disk_gb_used = ?,"
+                " updated_at = ? WHERE name = ?",
+                (vcpus_used, ram_mb_used, disk_gb_used, now_us(), name))
+            if cur.rowcount == 0:
+                raise CellDBError(f"no host {name!r} (declare it with upsert_host)")
+
     def upsert_host(self, name: str, node: str, vcpus: int, ram_mb: int, disk_gb: int,
                     availability_zone: str | None = None, status: str = "UP") -> None:
         """Declare a compute host and its capacity (usage columns are kept)."""
@@ -693,8 +726,9 @@ class SqliteCellDB(CellDB):
             self._conn.execute(
                 "UPDATE inbox SET state = ?, finished_at = ? WHERE command_id = ?",
                 (state, now_us(), command_id))
-            if row[0] is not None:
-                self._require(row[0])
+            # A refused create names a server that never came to exist: only the inbox row
+            # changes then.  Otherwise the server lists the command in done_commands.
+            if row[0] is not None and self._exists(row[0]):
                 self._touch(row[0])
 
     # -- reading (cellsync) ---------------------------------------------------------------

@@ -311,10 +311,8 @@ class CellService:
             self.db.finish_command(job.command_id, "failed" if fault else "done")
 
     def _close_action(self, job: _Job, ts: int, fault: DriverFault | None) -> None:
-        self.db._conn.execute(  # noqa: SLF001 -- TODO: CellDB.finish_action_event
-            "UPDATE instance_actions_events SET finish_time = ?, result = ?, traceback = ?"
-            " WHERE id = ?", (ts, "Error" if fault else "Success",
-                              None if fault is None else fault.message, job.event_id))
+        self.db.finish_action_event(job.event_id, "Error" if fault else "Success",
+                                    None if fault is None else fault.message, finish_time=ts)
         self.db.finish_action(job.action_id, message="Error" if fault else None,
                               finish_time=ts)
 
@@ -337,13 +335,7 @@ class CellService:
                                              result="Error", traceback=why, start_time=ts,
                                              finish_time=ts)
                     self.db.finish_action(action_id, message="Error", finish_time=ts)
-            if uuid is None and self.db.load_instance(str(payload_uuid(payload))) is None:
-                # finish_command needs the server to exist; a refused create has none.
-                self.db._conn.execute(  # noqa: SLF001
-                    "UPDATE inbox SET state = 'failed', finished_at = ? WHERE command_id = ?",
-                    (ts, command_id))
-            else:
-                self.db.finish_command(command_id, "failed")
+            self.db.finish_command(command_id, "failed")
 
     def _release(self, uuid: str) -> None:
         host = self.driver.destroy(uuid)
@@ -360,7 +352,5 @@ class CellService:
         spec = usage.spec
         self.db.upsert_host(spec.name, spec.node_name, spec.vcpus, spec.ram_mb, spec.disk_gb,
                             spec.az)
-        # TODO: a CellDB.set_host_usage; upsert_host keeps the usage columns as they are.
-        self.db._conn.execute(  # noqa: SLF001
-            "UPDATE hosts SET vcpus_used = ?, ram_mb_used = ?, disk_gb_used = ? WHERE name = ?",
-            (usage.vcpus_used, usage.ram_mb_used, usage.disk_gb_used, spec.name))
+        self.db.set_host_usage(spec.name, usage.vcpus_used, usage.ram_mb_used,
+                               usage.disk_gb_used)
