@@ -87,6 +87,16 @@ def cmd_resync(args: argparse.Namespace) -> int:
     return resync_main(settings["data_dir"], args.cell)
 
 
+def cmd_cell(args: argparse.Namespace) -> int:
+    from fastpath.cell.main import cell_main
+    from fastpath.cell.registry import NAME_RE
+
+    settings, _ = _settings_from_args(args)
+    if not NAME_RE.match(args.name):
+        raise SettingsError(f"cell: invalid --name {args.name!r}: letters, digits, '-' and '_'")
+    return cell_main(settings, args.name)
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     from fastpath import settings as settings_mod
 
@@ -138,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=0, metavar="J",
                    help="rendering processes (default: one per core)")
     p.set_defaults(func=cmd_seed)
+
+    p = sub.add_parser("cell", help="run one compute cell (database, inbox, simulated driver)")
+    common(p)
+    p.add_argument("--name", required=True, help="the cell's name (its database: cells/NAME.sqlite)")
+    p.set_defaults(func=cmd_cell)
 
     p = sub.add_parser("verify", help="compare the API store with every cell (exit 1 if divergent)")
     common(p)

@@ -258,6 +258,39 @@ SETTINGS: tuple[Setting, ...] = (
         check=_check_extensions,
     ),
     Setting(
+        "cell.hosts", int, 4, "Simulated compute hosts of each local cell.", minimum=1, maximum=10000,
+    ),
+    Setting(
+        "cell.host_vcpus", int, 64, "vCPUs of each simulated host.", minimum=1, maximum=100000,
+    ),
+    Setting(
+        "cell.host_ram_mb", int, 262144, "RAM of each simulated host, in MiB.",
+        minimum=512, maximum=1 << 30,
+    ),
+    Setting(
+        "cell.host_disk_gb", int, 4000, "Disk of each simulated host, in GiB.",
+        minimum=1, maximum=1 << 30,
+    ),
+    Setting(
+        "cell.build_delay", float, 0.5, "Seconds a simulated build takes (BUILD before ACTIVE).",
+        minimum=0, maximum=3600,
+    ),
+    Setting(
+        "cell.action_delay", float, 0.2,
+        "Seconds a simulated server action takes (reboot, stop, start, ...).",
+        minimum=0, maximum=3600,
+    ),
+    Setting(
+        "cell.failure_rate", float, 0.0,
+        "Share of simulated builds and actions that fail (ERROR with a fault), 0 to 1.",
+        minimum=0, maximum=1,
+    ),
+    Setting(
+        "cell.poll_interval", float, 0.05,
+        "Seconds an idle cell service waits before looking at its inbox again.",
+        minimum=0.001, maximum=10,
+    ),
+    Setting(
         "log.level", str, "info", "Log level of every process.",
         choices=("debug", "info", "warning", "error"),
     ),
