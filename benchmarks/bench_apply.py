@@ -1,0 +1,70 @@
+"""The store's write path: ``Store.apply`` of 1,000 changes per durable write transaction,
+as cellsync applies a batch (issue 6's goal: >= 50,000 changes/s applied).
+
+Each round applies a fresh batch (new versions of the same 1,000 servers, so every change
+wins and rewrites record, index entries and view blob).  One change = one server.  Report
+changes/s as 1,000 / median.  Rendering the views is measured apart (cellsync renders
+before it opens the write transaction).
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid as uuidlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastpath.api import views
+from fastpath.store import Batch, Store, Upsert
+from fastpath.store.samples import EPOCH_2024, sample_record
+
+N = 1000
+
+
+def _uid(i: int) -> str:
+    return str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"bench-apply/{i}"))
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict[str, Any]]:
+    return [sample_record(_uid(i), 1, created_at=EPOCH_2024 + i, seed=i) for i in range(N)]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    views.configure(frozenset())
+    s = Store.open(tmp_path, map_size=1 << 30)
+    yield s
+    s.close()
+
+
+def _batches(records: list[dict[str, Any]], with_views: bool) -> Iterator[tuple[Batch, Any]]:
+    for version in itertools.count(2):
+        recs = [{**r, "version": version, "updated_at": r["created_at"] + version}
+                for r in records]
+        rendered = {r["uuid"]: views.render_server(r) for r in recs} if with_views else None
+        batch = Batch([Upsert(r["uuid"], version, r) for r in recs])
+        yield batch, (lambda rec, m=rendered: m[rec["uuid"]]) if with_views else None
+
+
+@pytest.mark.parametrize("with_views", [False, True], ids=["record", "record+views"])
+def bench_apply_1000_durable(benchmark: Any, store: Store, records: list[dict[str, Any]],
+                             with_views: bool) -> None:
+    gen = _batches(records, with_views)
+    store.apply(*next(gen))  # the servers exist: every round is an update
+
+    def setup() -> tuple[tuple[Batch, Any], dict[str, Any]]:
+        return next(gen), {}
+
+    result = benchmark.pedantic(store.apply, setup=setup, rounds=8, iterations=1)
+    assert result.applied == N
+
+
+def bench_render_views(benchmark: Any, records: list[dict[str, Any]]) -> None:
+    views.configure(frozenset())
+    rec = records[0]
+    out = benchmark(views.render_server, rec)
+    assert out
