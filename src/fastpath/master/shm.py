@@ -227,6 +227,13 @@ class SharedState:
         _U64.pack_into(self.buf, base + OFF_READY, 0)
         _I64.pack_into(self.buf, base + OFF_PID, 0)
 
+    def beat(self, slot: int) -> None:
+        """Write the heartbeat of ``slot`` (a sidecar's own slot; workers beat from _core)."""
+        _U64.pack_into(self.buf, self.slot_offset(slot) + OFF_HEARTBEAT, time.monotonic_ns())
+
+    def set_ready(self, slot: int) -> None:
+        _U64.pack_into(self.buf, self.slot_offset(slot) + OFF_READY, 1)
+
     def pid(self, slot: int) -> int:
         return int(_I64.unpack_from(self.buf, self.slot_offset(slot) + OFF_PID)[0])
 
