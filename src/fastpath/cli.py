@@ -97,6 +97,13 @@ def cmd_cell(args: argparse.Namespace) -> int:
     return cell_main(settings, args.name)
 
 
+def cmd_forwarder(args: argparse.Namespace) -> int:
+    from fastpath.forwarder import forwarder_main
+
+    settings, _ = _settings_from_args(args)
+    return forwarder_main(settings)
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     from fastpath import settings as settings_mod
 
@@ -153,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--name", required=True, help="the cell's name (its database: cells/NAME.sqlite)")
     p.set_defaults(func=cmd_cell)
+
+    p = sub.add_parser("forwarder", help="deliver the outbox's commands to the cells' inboxes")
+    common(p)
+    p.set_defaults(func=cmd_forwarder)
 
     p = sub.add_parser("verify", help="compare the API store with every cell (exit 1 if divergent)")
     common(p)

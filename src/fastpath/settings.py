@@ -291,6 +291,33 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0.001, maximum=10,
     ),
     Setting(
+        "forwarder.poll_interval", float, 1.0,
+        "Seconds the idle forwarder waits for its bell (rung by the API after a command) "
+        "before looking at the outbox anyway.",
+        minimum=0.001, maximum=60,
+    ),
+    Setting(
+        "forwarder.batch", int, 1000,
+        "Outbox entries the forwarder delivers per round (one cell transaction per cell, one "
+        "store transaction to clear them).",
+        minimum=1, maximum=100000,
+    ),
+    Setting(
+        "forwarder.retry_initial", float, 0.05,
+        "Seconds before the forwarder retries a cell that failed; doubles per failure.",
+        minimum=0.001, maximum=60,
+    ),
+    Setting(
+        "forwarder.retry_max", float, 30.0,
+        "Longest back-off, in seconds, between two delivery attempts to a failing cell.",
+        minimum=0.01, maximum=3600,
+    ),
+    Setting(
+        "forwarder.busy_timeout_ms", int, 200,
+        "Milliseconds the forwarder waits for a locked cell database before counting a failure.",
+        minimum=0, maximum=60000,
+    ),
+    Setting(
         "log.level", str, "info", "Log level of every process.",
         choices=("debug", "info", "warning", "error"),
     ),

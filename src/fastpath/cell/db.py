@@ -833,3 +833,26 @@ class SqliteCellDB(CellDB):
             rows = c.execute("SELECT uuid, version, deleted_at IS NOT NULL FROM instances"
                              " ORDER BY uuid").fetchall()
         return [(u, int(v), "delete" if d else "upsert") for u, v, d in rows]
+
+    # -- the forwarder's delivery (issue 7) ------------------------------------------------
+    def accept_commands(self, commands: Sequence[tuple[str, Mapping[str, Any], str | None]]
+                        ) -> int:
+        """Store ``(command_id, payload, instance_uuid)`` commands in one transaction, in order.
+
+        Idempotent by command id like :meth:`accept_command`; returns how many were new.
+        ``received_at`` strictly increases along the list and past every pending command,
+        so the inbox (ordered by ``received_at``) runs them in the order given.
+        """
+        with self.transaction():
+            ex = self._conn.execute
+            row = ex("SELECT MAX(received_at) FROM inbox WHERE state = 'new'").fetchone()
+            at = max(now_us(), (row[0] or 0) + 1)
+            n = 0
+            for command_id, payload, uuid in commands:
+                cur = ex("INSERT OR IGNORE INTO inbox (command_id, instance_uuid, payload,"
+                         " received_at) VALUES (?, ?, ?, ?)",
+                         (command_id, uuid, _dumps(payload), at))
+                if cur.rowcount == 1:
+                    n += 1
+                    at += 1
+            return n

@@ -1,0 +1,308 @@
+"""The forwarder (fastpath.forwarder): a real LMDB store in a temp dir and real SQLite cells.
+
+Outbox entries are written through the store as docs/commands.md says (key = last key + 1,
+msgpack map id/cell/server/payload/at).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from fastpath.cell.db import SqliteCellDB
+from fastpath.cell.registry import cell_path, open_cell
+from fastpath.forwarder import Forwarder, outbox_stats, read_stats
+from fastpath.store import Store
+from fastpath.store import layout as L
+from fastpath.store.errors import StoreError
+
+S1 = "11111111-1111-4111-8111-111111111111"
+S2 = "22222222-2222-4222-8222-222222222222"
+S3 = "33333333-3333-4333-8333-333333333333"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Bells:
+    def __init__(self) -> None:
+        self.rung: list[str] = []
+
+    def __call__(self, path: str) -> None:
+        self.rung.append(Path(path).name)
+
+
+def put_outbox(store: Store, entries: list[dict[str, Any]]) -> list[bytes]:
+    """Append entries to the outbox in one write transaction (docs/commands.md)."""
+
+    def body(txn: Any) -> list[bytes]:
+        db = store.dbs.outbox
+        cur = txn.cursor(db=db)
+        last = int(L.U64.unpack(bytes(cur.key()))[0]) if cur.last() else 0
+        keys = []
+        for i, e in enumerate(entries):
+            k = L.outbox_key(last + 1 + i)
+            txn.put(k, msgpack.packb(e), db=db)
+            keys.append(k)
+        return keys
+
+    keys, _ = store._write(body)
+    return list(keys)
+
+
+def entry(cid: str, cell: str, server: str | None, action: str = "reboot",
+          at: int = 1_700_000_000_000_000, **extra: Any) -> dict[str, Any]:
+    payload = {"action": action, "project_id": "p1", "user_id": "u1", "request_id": cid, **extra}
+    return {"id": cid, "cell": cell, "server": server, "payload": payload, "at": at}
+
+
+def outbox_ids(store: Store) -> list[str]:
+    with store.read() as r:
+        return [msgpack.unpackb(bytes(v))["id"] for _, v in r.txn.cursor(db=r.dbs.outbox)]
+
+
+def inbox(db: SqliteCellDB) -> list[tuple[str, str | None, dict[str, Any]]]:
+    return db.pending_commands(limit=10_000)
+
+
+@pytest.fixture()
+def data(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture()
+def store(data: Path) -> Iterator[Store]:
+    s = Store.open(data, map_size=1 << 24)
+    yield s
+    s.close()
+
+
+@pytest.fixture()
+def cells(data: Path) -> Iterator[dict[str, SqliteCellDB]]:
+    dbs = {n: open_cell(str(data), n, create=True) for n in ("cell1", "cell2")}
+    yield dbs
+    for db in dbs.values():
+        db.close()
+
+
+def make(store: Store, data: Path, **kw: Any) -> tuple[Forwarder, Clock, Bells]:
+    clock, bells = Clock(), Bells()
+    kw.setdefault("retry_initial", 1.0)
+    kw.setdefault("retry_max", 8.0)
+    kw.setdefault("busy_timeout_ms", 20)
+    fwd = Forwarder(store, str(data), clock=clock, rng=random.Random(7), ring=bells, **kw)
+    return fwd, clock, bells
+
+
+def test_delivers_in_order_per_cell_and_clears_the_outbox(
+        store: Store, data: Path, cells: dict[str, SqliteCellDB]) -> None:
+    put_outbox(store, [entry("r1", "cell1", S1), entry("r2", "cell2", S2),
+                       entry("r3", "cell1", S1, "stop"), entry("r4", "cell1", S3)])
+    put_outbox(store, [entry("r5", "cell1", S1, "start")])
+    fwd, _, bells = make(store, data)
+    res = fwd.round()
+    assert (res.delivered, res.queued, res.more, res.failed) == (5, 0, False, [])
+    assert [c for c, _, _ in inbox(cells["cell1"])] == ["r1", "r3", "r4", "r5"]
+    assert [(c, u) for c, u, _ in inbox(cells["cell2"])] == [("r2", S2)]
+    assert inbox(cells["cell1"])[1][2] == entry("r3", "cell1", S1, "stop")["payload"]
+    assert outbox_ids(store) == []
+    assert sorted(bells.rung) == ["cell-cell1", "cell-cell2"]
+    assert fwd.round().delivered == 0
+    assert fwd.cells["cell1"].delivered_total == 4
+
+
+def test_redelivery_after_a_crash_between_inbox_and_outbox_delete_is_ignored(
+        store: Store, data: Path, cells: dict[str, SqliteCellDB]) -> None:
+    put_outbox(store, [entry("r1", "cell1", S1), entry("r2", "cell1", S1, "stop")])
+    fwd, _, _ = make(store, data)
+    # The cell transaction commits, then the store is gone before the outbox delete.
+    original = fwd.store
+
+    class Crashing:
+        dbs = original.dbs
+
+        def read(self) -> Any:
+            return original.read()
+
+        def _write(self, body: Any) -> Any:
+            raise StoreError("killed before the outbox delete")
+
+    fwd.store = Crashing()  # type: ignore[assignment]
+    with pytest.raises(StoreError):
+        fwd.round()
+    assert [c for c, _, _ in inbox(cells["cell1"])] == ["r1", "r2"]
+    assert outbox_ids(store) == ["r1", "r2"]
+    # After the restart: delivered again, the inbox ignores the duplicates.
+    fwd2, _, _ = make(store, data)
+    assert fwd2.round().delivered == 2
+    assert outbox_ids(store) == []
+    assert [c for c, _, _ in inbox(cells["cell1"])] == ["r1", "r2"]
+    n = cells["cell1"]._conn.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
+    assert n == 2
+
+
+def test_a_missing_cell_backs_off_while_the_other_proceeds(
+        store: Store, data: Path, cells: dict[str, SqliteCellDB]) -> None:
+    put_outbox(store, [entry("g1", "ghost", S2), entry("r1", "cell1", S1),
+                       entry("g2", "ghost", S3)])
+    fwd, clock, _ = make(store, data)
+    res = fwd.round()
+    assert (res.delivered, res.queued, res.failed) == (1, 2, ["ghost"])
+    ghost = fwd.cells["ghost"]
+    assert ghost.failures_total == 1 and "FileNotFoundError" in ghost.last_error
+    assert 0.5 <= ghost.backoff_until - clock.t <= 1.0
+    assert res.next_retry == ghost.backoff_until
+    assert outbox_ids(store) == ["g1", "g2"]
+    put_outbox(store, [entry("r2", "cell1", S1, "stop")])
+    res = fwd.round()  # ghost is not tried during its back-off; cell1 goes on
+    assert (res.delivered, res.queued) == (1, 2) and ghost.failures_total == 1
+    clock.t = ghost.backoff_until + 0.01
+    res = fwd.round()  # still missing: the back-off doubles
+    assert ghost.failures_total == 2 and 1.0 <= ghost.backoff_until - clock.t <= 2.0
+    g = open_cell(str(data), "ghost", create=True)
+    try:
+        clock.t = ghost.backoff_until + 0.01
+        res = fwd.round()
+        assert res.delivered == 2 and ghost.failures == 0 and ghost.backoff_until == 0
+        assert [c for c, _, _ in inbox(g)] == ["g1", "g2"]
+    finally:
+        g.close()
+    assert outbox_ids(store) == []
+    assert fwd.stats()["cells"]["ghost"]["failures_total"] == 2
+
+
+def test_a_locked_cell_backs_off_while_the_other_proceeds(
+        store: Store, data: Path, cells: dict[str, SqliteCellDB]) -> None:
+    put_outbox(store, [entry("a1", "cell2", S2), entry("b1", "cell1", S1)])
+    locker = sqlite3.connect(cell_path(str(data), "cell2"), isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # another writer holds cell2
+    fwd, clock, _ = make(store, data)
+    try:
+        res = fwd.round()
+        assert (res.delivered, res.failed) == (1, ["cell2"])
+        assert "locked" in fwd.cells["cell2"].last_error
+        assert outbox_ids(store) == ["a1"]
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    clock.t = fwd.cells["cell2"].backoff_until + 0.01
+    assert fwd.round().delivered == 1
+    assert [c for c, _, _ in inbox(cells["cell2"])] == ["a1"]
+    assert outbox_ids(store) == []
+
+
+def test_order_per_server_holds_across_cells(
+        store: Store, data: Path, cells: dict[str, SqliteCellDB]) -> None:
+    # S1's first command targets a cell that is down: its later command elsewhere waits.
+    put_outbox(store, [entry("x1", "ghost", S1), entry("x2", "cell1", S1, "stop"),
+                       entry("x3", "cell1", S2)])
+    fwd, clock, _ = make(store, data)
+    res = fwd.round()
+    assert (res.delivered, res.queued) == (1, 2)
+    assert [c for c, _, _ in inbox(cells["cell1"])] == ["x3"]
+    # During the back-off the blocked entry is still held back.
+    assert fwd.round().delivered == 0
+    g = open_cell(str(data), "ghost", create=True)
+    g.close()
+    clock.t += 100
+    assert fwd.round().delivered == 2
+    assert [c for c, _, _ in inbox(cells["cell1"])] == ["x3", "x2"]
+    assert outbox_ids(store) == []
+
+
+def test_a_failure_this_round_blocks_the_servers_later_entries_in_other_cells(
+        store: Store, data: Path, cells: dict[str, SqliteCellDB]) -> None:
+    # cell2 fails when tried; S1's later entry for cell1 must not overtake it.
+    put_outbox(store, [entry("y1", "cell2", S1), entry("y2", "cell1", S1, "stop"),
+                       entry("y3", "cell1", S3)])
+    locker = sqlite3.connect(cell_path(str(data), "cell2"), isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    fwd, clock, _ = make(store, data)
+    try:
+        # Cells are tried in the order of their first entry: cell2, then cell1.
+        res = fwd.round()
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert res.failed == ["cell2"] and res.delivered == 1
+    assert [c for c, _, _ in inbox(cells["cell1"])] == ["y3"]
+    assert outbox_ids(store) == ["y1", "y2"]
+    clock.t += 100
+    assert fwd.run_until_idle() == 2
+    assert [c for c, _, _ in inbox(cells["cell1"])] == ["y3", "y2"]
+
+
+def test_batches_and_malformed_entries(
+        store: Store, data: Path, cells: dict[str, SqliteCellDB]) -> None:
+    put_outbox(store, [entry(f"c{i:03d}", "cell1", S1) for i in range(25)])
+
+    def bad(txn: Any) -> None:
+        txn.put(L.outbox_key(1000), msgpack.packb({"id": "junk"}), db=store.dbs.outbox)
+        txn.put(L.outbox_key(1001), b"\xc1not msgpack", db=store.dbs.outbox)
+
+    store._write(bad)
+    fwd, _, _ = make(store, data, batch=10)
+    res = fwd.round()
+    assert res.delivered == 10 and res.more
+    assert fwd.run_until_idle() == 15
+    assert [c for c, _, _ in inbox(cells["cell1"])] == [f"c{i:03d}" for i in range(25)]
+    assert outbox_ids_raw(store) == [] and fwd.dropped_total == 2
+
+
+def outbox_ids_raw(store: Store) -> list[bytes]:
+    with store.read() as r:
+        return [bytes(k) for k, _ in r.txn.cursor(db=r.dbs.outbox)]
+
+
+def test_backoff_is_exponential_with_jitter_and_capped(store: Store, data: Path) -> None:
+    fwd, _, _ = make(store, data, retry_initial=0.1, retry_max=3.0)
+    for failures, cap in [(1, 0.1), (2, 0.2), (3, 0.4), (5, 1.6), (6, 3.0), (60, 3.0)]:
+        delays = {fwd.backoff_delay(failures) for _ in range(50)}
+        assert all(cap / 2 <= d <= cap for d in delays)
+        assert len(delays) > 1  # jittered
+
+
+def test_outbox_stats_and_the_stats_file(
+        store: Store, data: Path, cells: dict[str, SqliteCellDB]) -> None:
+    with store.read() as r:
+        assert outbox_stats(r) == (0, None)
+    put_outbox(store, [entry("s1", "ghost", S1, at=111), entry("s2", "cell1", S2, at=222)])
+    with store.read() as r:
+        assert outbox_stats(r) == (2, 111)
+    fwd, _, _ = make(store, data)
+    fwd.round()
+    with store.read() as r:
+        assert outbox_stats(r) == (1, 111)
+    fwd.write_stats(force=True)
+    stats = read_stats(str(data))
+    assert stats is not None
+    assert stats["cells"]["cell1"]["delivered_total"] == 1
+    assert stats["cells"]["ghost"]["queued"] == 1
+    assert stats["cells"]["ghost"]["backoff_until"] > stats["updated_at"]
+    assert json.loads((data / "run" / "forwarder.json").read_text()) == stats
+
+
+def test_a_stale_delete_leaves_a_reused_key_alone(
+        store: Store, data: Path, cells: dict[str, SqliteCellDB]) -> None:
+    from fastpath.forwarder import remove_outbox
+
+    [k] = put_outbox(store, [entry("old", "cell1", S1)])
+    with store.read() as r:
+        old = bytes(r.txn.get(k, db=r.dbs.outbox))
+    assert remove_outbox(store, [(k, old)]) == 1
+    [k2] = put_outbox(store, [entry("new", "cell1", S1)])
+    assert k2 == k  # the outbox was empty: the key is reused
+    assert remove_outbox(store, [(k, old)]) == 0
+    assert outbox_ids(store) == ["new"]
