@@ -19,9 +19,8 @@ correctness"; research notes P1-P14):
   than its tombstone horizon); the last batch sets the cursor with ``reset_cursor=True``
   (it may be lower than the saved one after a regression).  Servers the store holds for
   this cell that the cell no longer has at all ("orphans") get a tombstone at their own
-  version (a tombstone wins a version tie), so they disappear.  The store has no per-cell
-  index yet: orphans are found by walking every live record and reading its ``cell``
-  field (O(servers in the store); fine for an occasional repair).  Records of version 0
+  version (a tombstone wins a version tie), so they disappear.  Orphans are found by
+  walking the store's ``by_cell`` index (only this cell's servers).  Records of version 0
   are the API's provisional BUILD records (P6) that the cell may not have received yet:
   they are never tombstoned here.
 
@@ -68,13 +67,10 @@ class SyncResult:
 def store_servers_of(r: Reader, cell: str) -> Iterator[tuple[str, int, str, int]]:
     """``(uuid, version, project_id, created_at)`` of every live store record of ``cell``.
 
-    A walk over all records (no per-cell index yet): for resync and verify only.
+    A walk over the store's ``by_cell`` index: only that cell's servers, no record decoded.
     """
-    cur = r.txn.cursor(db=r.dbs.servers)
-    for k, _ in cur:
-        rec = r.get_server(bytes(k))
-        if rec is not None and rec.get("cell") == cell:
-            yield L.uuid_str(k), int(rec["version"]), rec["project_id"], int(rec["created_at"])
+    for u, head in r.cell_servers(cell):
+        yield L.uuid_str(u), head.version, head.project_id, head.created_at
 
 
 class CellSync:

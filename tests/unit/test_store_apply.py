@@ -125,6 +125,29 @@ def test_a_server_that_changes_project_moves_in_the_indexes(store: Store) -> Non
         assert r.check() == []
 
 
+def cell_of(store: Store, cell: str) -> list[tuple[str, int]]:
+    with store.read() as r:
+        return sorted((L.uuid_str(u), h.version) for u, h in r.cell_servers(cell))
+
+
+def test_by_cell_follows_creates_moves_and_tombstones(store: Store) -> None:
+    store.apply(Batch([up(1, 1, cell="c1"), up(2, 1, cell="c1"), up(3, 1, cell="c2")]))
+    assert cell_of(store, "c1") == sorted([(uid(1), 1), (uid(2), 1)])
+    before = logical(store)["by_cell"]
+    store.apply(Batch([up(1, 2, cell="c1")]))  # same cell: the entry stays as it was
+    assert logical(store)["by_cell"] == before
+    store.apply(Batch([up(2, 2, cell="c2")]))  # moved
+    assert cell_of(store, "c1") == [(uid(1), 2)]
+    assert cell_of(store, "c2") == sorted([(uid(2), 2), (uid(3), 1)])
+    # A tombstone whose final record names the right cell, another cell, or has no record.
+    final = rec(1, 3, vm_state="deleted", status="DELETED", cell="c1")
+    wrong = rec(2, 3, vm_state="deleted", status="DELETED", cell="c1")
+    store.apply(Batch([tomb(1, 3, record=final), tomb(2, 3, record=wrong), tomb(3, 2)]))
+    assert cell_of(store, "c1") == [] and cell_of(store, "c2") == []
+    assert_consistent(store)
+    assert cell_of(store, "") == [] and cell_of(store, "nul\x00") == []  # no such cell names
+
+
 def test_tombstone_removes_record_indexes_and_views(store: Store) -> None:
     store.apply(Batch([up(1, 1), up(2, 1)]), render)
     final = rec(1, 2, vm_state="deleted", status="DELETED")
@@ -548,7 +571,7 @@ def test_catalogue_puts_deletes_and_reads(store: Store) -> None:
         assert r.keypairs("nobody") == [] and r.keypair("bad\x00", "k") is None
         assert r.quota_limits(P1) == {"instances": 50, "cores": 20, "ram": 51200}
         assert r.quota_limits(P2) == {"instances": 10, "cores": 20, "ram": 51200}
-        assert r.availability_zones() == [{"name": "nova"}] and r.cells() == [{"name": "cell1"}]
+        assert r.availability_zones() == [{"name": "nova"}] and r.cells() == {"cell1": {"name": "cell1"}}
     store.apply(Batch(catalog=[CatalogPut(Catalog.FLAVORS, "10", None)]))
     with store.read() as r:
         assert r.flavor("10") is None and len(r.flavors()) == 2

@@ -405,3 +405,26 @@ def test_open_creates_every_database_and_records_the_layout(tmp_path: Path) -> N
         assert info["max_readers"] == 1024 and info["used"] > 0
     with pytest.raises(StoreError, match="larger than max_map_size"):
         Store.open(tmp_path, map_size=2 << 20, max_map_size=1 << 20)
+
+
+def test_a_layout_1_store_is_migrated_to_by_cell(tmp_path: Path) -> None:
+    from fastpath.store import Upsert
+    from fastpath.store.samples import sample_record
+
+    uids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(5)]
+    with Store.open(tmp_path, sync=False) as store:
+        store.apply(Batch([Upsert(u, 1, sample_record(u, 1, cell=f"c{i % 2}", seed=i))
+                           for i, u in enumerate(uids)]))
+
+        def as_layout_1(txn: Any) -> None:  # what a layout-1 store looks like on disk
+            txn.drop(store.dbs.by_cell, delete=False)
+            txn.put(L.META_LAYOUT, L.U64.pack(1), db=store.dbs.meta)
+
+        store._write(as_layout_1)
+        with store.read() as r:
+            assert r.check() and list(r.cell_servers("c0")) == []
+    with Store.open(tmp_path, sync=False) as store, store.read() as r:
+        assert r.check() == []
+        assert r.txn.get(L.META_LAYOUT, db=r.dbs.meta) == L.U64.pack(L.LAYOUT_VERSION)
+        assert {L.uuid_str(u) for u, _ in r.cell_servers("c0")} == set(uids[0::2])
+        assert {L.uuid_str(u) for u, _ in r.cell_servers("c1")} == set(uids[1::2])

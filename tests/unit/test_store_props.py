@@ -25,6 +25,7 @@ from fastpath.store.samples import EPOCH_2024, sample_record
 NSERVERS = 4
 MAXV = 6
 PROJECTS = ("p-even", "p-odd")
+CELLS = ("cell-a", "cell-b")
 FAST: dict[str, Any] = {"sync": False, "metasync": False, "map_size": 32 << 20}
 
 Change = tuple[str, int, int]  # ("up" | "tomb", server index, version)
@@ -49,6 +50,7 @@ def record_for(i: int, v: int, deleted: bool = False) -> dict[str, Any]:
         status={"active": "ACTIVE", "stopped": "SHUTOFF", "error": "ERROR",
                 "deleted": "DELETED"}[vm_state],
         name=f"server-{i}-v{v}", tags=[f"t{v % 3}"], flavor=flavor,
+        cell=CELLS[(v // 2) % 2],  # servers move between cells: by_cell follows
     )
 
 
@@ -175,6 +177,10 @@ class StoreMachine(RuleBasedStateMachine):
                     assert tomb.record == (record_for(i, v, deleted=True) if v % 2 else None)
             for p in PROJECTS:
                 assert {L.uuid_str(u) for u in r.page(p)} == live[p]
+            for cell in CELLS:  # each live server under its winning record's cell only
+                want = {(uid(i), best[i][2]) for i in best
+                        if best[i][0] == "up" and CELLS[(best[i][2] // 2) % 2] == cell}
+                assert {(L.uuid_str(u), h.version) for u, h in r.cell_servers(cell)} == want
             current = {L.uuid_str(c.uuid) for c in r.changes()}
             assert current == {uid(i) for i in best}
             assert r.cursor("cell1") == self.cursor

@@ -134,6 +134,7 @@ class Apply:
         pkey = L.by_project_key(project, created, u)
         ckey = L.by_changed_key(updated, u)
         flavor = rec["flavor"]
+        cell_key = L.by_cell_key(L.name_bytes(rec["cell"], "cell"), u)
         if old is None:
             txn.put(pkey, ival, db=d.by_project)
             txn.put(L.by_created_key(created, u), ival, db=d.by_created)
@@ -141,8 +142,14 @@ class Apply:
             self.count(rec["project_id"], 1, flavor["vcpus"], flavor["ram"])
         else:
             old_pkey = L.by_project_key(old_project, old_created, u)
+            txn.put(cell_key, b"", db=d.by_cell)
             old_ival = txn.get(old_pkey, db=d.by_project)
             if old_pkey != pkey:
+            # PERF: a get, no write, while the server stays in its cell (the common case);
+            # the old record is decoded only when it moved, to find its old entry.
+            if txn.get(cell_key, db=d.by_cell) is None:
+                self.forget_cell(u, old)
+                txn.put(cell_key, b"", db=d.by_cell)
                 txn.delete(old_pkey, db=d.by_project)
                 txn.delete(L.by_created_key(old_created, u), db=d.by_created)
             if old_pkey != pkey or old_ival != ival:
@@ -174,7 +181,7 @@ class Apply:
             if version < old_version:  # a tie goes to the tombstone
                 summary.skipped_stale += 1
                 return
-            self.remove_live(u, old_project, old_created)
+            self.remove_live(u, old_project, old_created, old, None if final is None else final["cell"])
         else:
             tomb = txn.get(u, db=d.tombstones)
             if tomb is not None:
@@ -193,11 +200,19 @@ class Apply:
         txn.put(L.tomb_age_key(ch.deleted_at, u), b"", db=d.tomb_age)
         summary.tombstoned += 1
 
-    def remove_live(self, u: bytes, project: bytes, created: int) -> None:
+    def remove_live(self, u: bytes, project: bytes, created: int, frame: bytes | memoryview,
+                    cell: str | None) -> None:
+        """Remove a live server (``frame``: its stored frame) and every entry of it.
+
+        ``cell``: where it probably is (the tombstone's final record says); only if that is
+        wrong is the stored record decoded to find its ``by_cell`` entry.
+        """
         d, txn = self.d, self.txn
         pkey = L.by_project_key(project, created, u)
         ival = txn.get(pkey, db=d.by_project)
         if ival is not None:
+        if cell is None or not txn.delete(L.by_cell_key(L.name_bytes(cell, "cell"), u), db=d.by_cell):
+            self.forget_cell(u, frame)
             o = R.unpack_index(ival)
             self.count(o.project_id, -1, -o.vcpus, -o.ram)
         txn.delete(pkey, db=d.by_project)
@@ -210,6 +225,13 @@ class Apply:
     def drop_tombstone(self, u: bytes, deleted_at: int) -> None:
         self.txn.delete(u, db=self.d.tombstones)
         self.txn.delete(L.tomb_age_key(deleted_at, u), db=self.d.tomb_age)
+    def forget_cell(self, u: bytes, frame: bytes | memoryview) -> None:
+        """Delete the ``by_cell`` entry of the record in ``frame`` (decoded: the rare path)."""
+        off = L.unpack_frame_head(frame)[4]
+        cell = R.unpack(frame[off:]).get("cell")
+        if isinstance(cell, str) and cell:
+            self.txn.delete(L.by_cell_key(L.name_bytes(cell, "cell"), u), db=self.d.by_cell)
+
 
     def merge_api_fields(self, u: bytes, rec: Mapping[str, Any]) -> Mapping[str, Any]:
         """The record to store: the cell's fields plus the stored API-owned fields (rule 7)."""

@@ -4,7 +4,8 @@ P11 (research notes): the record and every index change together, so in any comm
 state:
 
 - every live server has its ``by_project`` and ``by_created`` entries, equal to the index
-  entry of its record, and its current ``by_changed`` entry; no other such entries exist;
+  entry of its record, its current ``by_changed`` entry and its ``by_cell`` entry under
+  its record's cell; no other such entries exist;
 - every tombstone has its current ``by_changed`` entry and its ``tomb_age`` entry, and no
   server is both live and tombstoned;
 - view fragments and API-owned fields belong to live servers only;
@@ -29,6 +30,7 @@ from fastpath.store.dbs import Dbs
 def check(txn: lmdb.Transaction, d: Dbs) -> list[str]:
     problems: list[str] = []
     live: dict[bytes, tuple[int, int, bytes, bytes]] = {}
+    by_cell: set[bytes] = set()
     usage: dict[str, list[int]] = {}
     for k, v in txn.cursor(db=d.servers):
         u = bytes(k)
@@ -39,6 +41,7 @@ def check(txn: lmdb.Transaction, d: Dbs) -> list[str]:
         ) or rec["project_id"].encode() != project:
             problems.append(f"{L.uuid_str(u)}: frame and record disagree")
         live[u] = (created, updated, project, R.pack_index(R.index_entry(rec)))
+        by_cell.add(L.by_cell_key(str(rec["cell"]).encode(), u))
         totals = usage.setdefault(rec["project_id"], [0, 0, 0])
         totals[0] += 1
         totals[1] += rec["flavor"]["vcpus"]
@@ -63,6 +66,11 @@ def check(txn: lmdb.Transaction, d: Dbs) -> list[str]:
             missing = len(set(expect) - set(seen))
             differ = sum(1 for key in set(seen) & set(expect) if seen[key] != expect[key])
             problems.append(f"{name}: {extra} extra, {missing} missing, {differ} stale entries")
+
+    cell_keys = {bytes(k) for k, _ in txn.cursor(db=d.by_cell)}
+    if cell_keys != by_cell:
+        problems.append(f"by_cell: {len(cell_keys - by_cell)} extra, "
+                        f"{len(by_cell - cell_keys)} missing entries")
 
     changed = {bytes(k): bytes(v) for k, v in txn.cursor(db=d.by_changed)}
     for u, (_, updated, _, _) in live.items():

@@ -14,7 +14,7 @@ class Dbs:
     __slots__ = (
         "meta", "servers", "by_project", "by_created", "by_changed", "views", "api_fields",
         "tombstones", "tomb_age", "flavors", "images", "keypairs", "quota_limits",
-        "quota_usage", "azs", "cells", "cursors", "outbox", "by_name",
+        "quota_usage", "azs", "cells", "cursors", "outbox", "by_cell", "by_name",
     )
 
     meta: Any
@@ -35,6 +35,7 @@ class Dbs:
     cells: Any
     cursors: Any
     outbox: Any
+    by_cell: Any
     by_name: dict[bytes, Any]
 
     def __init__(self, handles: Mapping[bytes, Any]) -> None:

@@ -29,6 +29,7 @@ database            key                                         value
 ``cells``           cell name (UTF-8)                           msgpack map
 ``cursors``         cell name (UTF-8)                           u64(feed sequence applied)
 ``outbox``          u64(sequence)                               msgpack map (a command)
+``by_cell``         cell NUL uuid16                             b"" (a live server's cell)
 ==================  ==========================================  ==============================
 
 Orders this gives (a forward cursor walk):
@@ -48,6 +49,11 @@ Orders this gives (a forward cursor walk):
   ``Store.trim_changes`` deletes them in key order.  The value is one byte, so an entry
   is ~33 bytes and a page holds ~120.
 - ``views``: the fragments of one server are adjacent (one page, one prefix walk).
+- ``by_cell``: the live servers of one cell, adjacent (resync's orphan search and
+  ``fastpath verify`` walk only that cell's servers).  ``apply`` keeps it: a put when a
+  server becomes live, a delete when it is tombstoned or moves to another cell; an update
+  in the same cell costs one get and no write.  Provisional API records (version 0) are in
+  it under the cell the API chose.
 - ``keypairs``: per user, by name (Nova's keypair list and marker order).
 - ``flavors``: by flavor id as a string (Nova's default ``sort_key=flavorid``).
 
@@ -90,7 +96,9 @@ import struct
 
 from fastpath.store.errors import RecordError
 
-LAYOUT_VERSION = 1
+# 2: ``by_cell`` added.  A layout-1 store is migrated when opened (``store._migrate``):
+# ``by_cell`` is built from the records in the same write transaction that records 2.
+LAYOUT_VERSION = 2
 
 # Database names (bytes, as LMDB wants them).  The order is the creation order only.
 META = b"meta"
@@ -111,11 +119,12 @@ AZS = b"azs"
 CELLS = b"cells"
 CURSORS = b"cursors"
 OUTBOX = b"outbox"
+BY_CELL = b"by_cell"
 
 DATABASES: tuple[bytes, ...] = (
     META, SERVERS, BY_PROJECT, BY_CREATED, BY_CHANGED, VIEWS, API_FIELDS, TOMBSTONES,
     TOMB_AGE, FLAVORS, IMAGES, KEYPAIRS, QUOTA_LIMITS, QUOTA_USAGE, AZS, CELLS, CURSORS,
-    OUTBOX,
+    OUTBOX, BY_CELL,
 )
 # Room for databases added by later layouts without changing max_dbs of older openers.
 MAX_DBS = 32
@@ -229,6 +238,14 @@ def uuid_of_changed_key(key: bytes | memoryview) -> bytes:
 def time_of_changed_key(key: bytes | memoryview) -> int:
     """updated_at of a ``by_changed`` key (or deleted_at of a ``tomb_age`` key)."""
     return int(U64.unpack_from(key, 0)[0])
+
+
+def by_cell_prefix(cell: bytes) -> bytes:
+    return cell + b"\x00"
+
+
+def by_cell_key(cell: bytes, u: bytes) -> bytes:
+    return cell + b"\x00" + u
 
 
 def view_key(u: bytes, view_id: bytes) -> bytes:

@@ -374,8 +374,39 @@ class Reader:
     def availability_zones(self) -> list[dict[str, Any]]:
         return self._all_maps(self._d.azs)
 
-    def cells(self) -> list[dict[str, Any]]:
-        return self._all_maps(self._d.cells)
+    def cells(self) -> dict[str, dict[str, Any]]:
+        """Every cell cellsync has seen, by name: ``{name, epoch, hosts_version, hosts}``.
+
+        ``hosts``: host name -> ``{vcpus, ram_mb, disk_gb, vcpus_used, ram_mb_used,
+        disk_gb_used, status, availability_zone}`` (the cell's ``hosts`` rows; what the
+        scheduler picks a cell and a host from, in its one read transaction).
+        """
+        return {bytes(k).decode(): msgpack.unpackb(v, raw=False)
+                for k, v in self._txn.cursor(db=self._d.cells)}
+
+    def cell(self, name: str) -> dict[str, Any] | None:
+        return self._get_map(self._d.cells, name.encode())
+
+    def cell_servers(self, cell: str) -> Iterator[tuple[bytes, ServerHead]]:
+        """(uuid16, head) of every live server of ``cell`` (``by_cell``; no record decoded)."""
+        try:
+            prefix = L.by_cell_prefix(L.name_bytes(cell, "cell"))
+        except RecordError:
+            return
+        txn, d = self._txn, self._d
+        cur = txn.cursor(db=d.by_cell)
+        if not cur.set_range(prefix):
+            return
+        plen = len(prefix)
+        for key in cur.iternext(keys=True, values=False):
+            if key[:plen] != prefix:
+                return
+            u = bytes(key[plen:])
+            v = txn.get(u, db=d.servers)
+            if v is None:
+                continue  # cannot happen in a consistent store (check() would say so)
+            version, created, updated, project, _ = L.unpack_frame_head(v)
+            yield u, ServerHead(version, project.decode(), created, updated)
 
     def cursor(self, cell: str) -> int | None:
         key = cell.encode()

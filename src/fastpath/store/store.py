@@ -60,6 +60,7 @@ import lmdb
 from fastpath.master.shm import OFF_STORE_READ, OFF_STORE_WRITE
 from fastpath.store import apply as A
 from fastpath.store import layout as L
+from fastpath.store import record as R
 from fastpath.store.changes import ApplySummary, Batch, Renderer
 from fastpath.store.dbs import Dbs
 from fastpath.store.errors import StoreError, StoreForkError, StoreFullError, StoreLayoutError
@@ -420,12 +421,35 @@ def _open_dbs(env: lmdb.Environment, path: str) -> Dbs:
         if stored is None:
             wtxn.put(L.META_LAYOUT, L.U64.pack(L.LAYOUT_VERSION), db=handles[L.META])
         else:
-            _check_layout(stored, path)
+            _check_layout(stored, path, wtxn, Dbs(handles))
     return Dbs(handles)
 
 
-def _check_layout(stored: bytes, path: str) -> None:
+def _migrate_1_to_2(txn: lmdb.Transaction, dbs: Dbs) -> int:
+    """Layout 2 added ``by_cell``: build it from the live records (decoding each once)."""
+    n = 0
+    for k, v in txn.cursor(db=dbs.servers):
+        off = L.unpack_frame_head(v)[4]
+        cell = R.unpack(v[off:]).get("cell")
+        if isinstance(cell, str) and cell:
+            txn.put(L.by_cell_key(L.name_bytes(cell, "cell"), bytes(k)), b"", db=dbs.by_cell)
+            n += 1
+    return n
+
+
+# Layouts that the current code can upgrade in place, in the opening write transaction.
+_MIGRATIONS: dict[int, Callable[[lmdb.Transaction, Dbs], int]] = {1: _migrate_1_to_2}
+
+
+def _check_layout(stored: bytes, path: str, txn: lmdb.Transaction, dbs: Dbs) -> None:
     version = int(L.U64.unpack(bytes(stored))[0])
+    while version in _MIGRATIONS and version < L.LAYOUT_VERSION:
+        # The first process to open an older store migrates it under the writer lock;
+        # the others then find the new layout.
+        n = _MIGRATIONS[version](txn, dbs)
+        log.warning("store %s: migrated layout %d to %d (%d records)", path, version, version + 1, n)
+        version += 1
+        txn.put(L.META_LAYOUT, L.U64.pack(version), db=dbs.meta)
     if version != L.LAYOUT_VERSION:
         raise StoreLayoutError(
             f"the API store {path} has layout version {version}; this fastpath uses layout "
