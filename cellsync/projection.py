@@ -11,6 +11,10 @@ like.
 - ``version`` is the instance row's version at the time of the read, which may be newer than
   the feed entry that led here: the store keeps the highest version, so that is harmless, and
   the later feed entries for the same server are then dropped as stale (P2, P3).
+- The server's instance actions and their events ride in the record (``actions``): the
+  cell writes them in the transaction of the state change they belong to, which steps the
+  server's version, so they come up with it, and a deleted server keeps them in its
+  tombstone's final record (os-instance-actions shows deleted servers from 2.21).
 - A server whose row has ``deleted_at`` becomes a :class:`Tombstone` carrying its final record
   (status ``DELETED``), so ``changes-since`` can render it; any other server an
   :class:`Upsert`.
@@ -55,6 +59,29 @@ def _addresses(vifs: list[Mapping[str, Any]], ips: list[Mapping[str, Any]]) -> d
             continue  # the foreign key makes this impossible in SQLite; be safe elsewhere
         out[vif["network"]].append(
             {"addr": ip["addr"], "version": ip["version"], "mac": vif["mac"], "type": ip["type"]})
+    return out
+
+
+def _actions(actions: list[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    """The record's ``actions`` from the cell's instance actions and events (newest first, as
+    :meth:`~fastpath.cell.db.CellDB.load_instance` lists them).
+
+    ``updated_at`` (shown from 2.58) is what Nova keeps in its column: the latest of the
+    action's start and of its events' starts and finishes (Nova bumps it as each event starts
+    and finishes).  The action's own ``finish_time`` is not shown by the API.
+    """
+    out: list[dict[str, Any]] = []
+    for a in actions or ():
+        events = [{"event": e["event"], "start_time": e["start_time"],
+                   "finish_time": e["finish_time"], "result": e["result"],
+                   "traceback": e["traceback"], "host": e["host"], "details": e["details"]}
+                  for e in a["events"]]
+        times = [a["start_time"]] + [t for e in events
+                                     for t in (e["start_time"], e["finish_time"]) if t is not None]
+        out.append({"request_id": a["request_id"], "action": a["action"],
+                    "project_id": a["project_id"], "user_id": a["user_id"],
+                    "start_time": a["start_time"], "updated_at": max(times),
+                    "message": a["message"], "events": events})
     return out
 
 
@@ -120,6 +147,7 @@ def project_record(rows: Mapping[str, Any], cell: str) -> dict[str, Any]:
             "code": fault["code"], "message": fault["message"], "details": fault["details"],
             "created": fault["created_at"]},
         "done_commands": list(rows["done_commands"]),
+        "actions": _actions(rows.get("actions")),
     }
     try:
         return make_record(values)

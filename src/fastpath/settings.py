@@ -142,6 +142,18 @@ def _check_name(value: str) -> str | None:
     return None
 
 
+def _check_cell_names(value: str) -> str | None:
+    import re
+
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    bad = [n for n in names if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$", n)]
+    if bad:
+        return f"invalid cell name(s) {', '.join(bad)}: letters, digits, '-' and '_' only"
+    if len(set(names)) != len(names):
+        return "a cell is named twice"
+    return None
+
+
 # Response extension groups that api.disabled_extensions may name (the views' table,
 # fastpath.api.views.table.GROUPS, is the source; a unit test keeps the two equal).
 EXTENSION_GROUPS: tuple[str, ...] = (
@@ -286,9 +298,30 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0, maximum=1,
     ),
     Setting(
-        "cell.poll_interval", float, 0.05,
-        "Seconds an idle cell service waits before looking at its inbox again.",
+        "cell.poll_interval", float, 1.0,
+        "Seconds an idle cell service waits before looking at its inbox again if its bell "
+        "(rung by the forwarder on delivery) stays silent.",
         minimum=0.001, maximum=10,
+    ),
+    Setting(
+        "standalone.cells", str, "cell1,cell2",
+        "Local cells that `fastpath serve` runs under its master (comma-separated names; "
+        "empty: none).",
+        check=_check_cell_names,
+    ),
+    Setting(
+        "standalone.cellsync", bool, True,
+        "Run cellsync under the master of `fastpath serve`.",
+    ),
+    Setting(
+        "standalone.forwarder", bool, True,
+        "Run the forwarder under the master of `fastpath serve`.",
+    ),
+    Setting(
+        "cellsync.poll_interval", float, 1.0,
+        "Seconds idle cellsync waits for its bell (rung by the cells on every commit) "
+        "before looking at the change feeds anyway.",
+        minimum=0.001, maximum=60,
     ),
     Setting(
         "forwarder.poll_interval", float, 1.0,
@@ -352,6 +385,11 @@ class Settings(Mapping[str, Any]):
     def worker_count(self) -> int:
         n = int(self["workers"])
         return n if n > 0 else (os.cpu_count() or 1)
+
+    @property
+    def standalone_cells(self) -> list[str]:
+        """The local cells of ``standalone.cells``, in the order given."""
+        return [n.strip() for n in str(self["standalone.cells"]).split(",") if n.strip()]
 
     @property
     def bind_address(self) -> tuple[str, int]:

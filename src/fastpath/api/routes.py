@@ -171,6 +171,9 @@ def build_plan(
         routes.append(RouteSpec("POST", "/debug/echo", _debug_echo, auth=False, versioned=False))
     routes += servers.routes(ctx)
     routes += catalog.routes(ctx)
+    from fastpath.api import instance_actions
+
+    routes += instance_actions.routes(ctx)
     metrics.names = ["unmatched"] + [f"{r.method} {r.template}" for r in routes]
     if len(routes) + 1 > shm_layout.MAX_ROUTES:
         raise ValueError(f"{len(routes)} routes exceed the metrics table ({shm_layout.MAX_ROUTES})")

@@ -232,6 +232,7 @@ CREATE TABLE IF NOT EXISTS instance_actions_events (
     host TEXT,
     details TEXT
 );
+CREATE INDEX IF NOT EXISTS events_action ON instance_actions_events (action_id);
 CREATE TABLE IF NOT EXISTS hosts (
     name TEXT PRIMARY KEY,
     node TEXT NOT NULL,
@@ -335,6 +336,32 @@ class CellDB(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+ACTION_COLUMNS = ("id", "request_id", "action", "project_id", "user_id", "start_time",
+                  "finish_time", "message")
+EVENT_COLUMNS = ("action_id", "event", "start_time", "finish_time", "result", "traceback",
+                 "host", "details")
+
+
+def _load_actions(c: sqlite3.Connection, uuid: str) -> list[dict[str, Any]]:
+    """The server's instance actions, newest first (Nova: created_at desc, id desc), each
+    with ``events`` (newest first, likewise); the ids stay in the cell (P1)."""
+    actions = [dict(zip(ACTION_COLUMNS, row, strict=True)) for row in c.execute(
+        f"SELECT {', '.join(ACTION_COLUMNS)} FROM instance_actions WHERE instance_uuid = ?"
+        " ORDER BY start_time DESC, id DESC", (uuid,))]
+    by_id: dict[int, list[dict[str, Any]]] = {}
+    for a in actions:
+        a["events"] = by_id.setdefault(a.pop("id"), [])
+    for row in c.execute(
+            f"SELECT {', '.join('e.' + x for x in EVENT_COLUMNS)} FROM instance_actions_events e"
+            " JOIN instance_actions a ON a.id = e.action_id WHERE a.instance_uuid = ?"
+            " ORDER BY e.start_time DESC, e.id DESC", (uuid,)):
+        event = dict(zip(EVENT_COLUMNS, row, strict=True))
+        events = by_id.get(event.pop("action_id"))
+        if events is not None:
+            events.append(event)
+    return actions
 
 
 def _dumps(v: Any) -> str:
@@ -771,7 +798,8 @@ class SqliteCellDB(CellDB):
         "tags": [...], "security_groups": [...], "vifs": [{uuid, mac, network}],
         "ips": [{addr, vif_uuid, version, type}], "volumes": [{id, device_name,
         delete_on_termination}], "fault": newest fault or None, "host": host row or None,
-        "done_commands": [...]}``; JSON columns decoded, booleans as bool.
+        "done_commands": [...], "actions": [...] (:func:`_load_actions`)}``; JSON columns
+        decoded, booleans as bool.
         """
         with self._snapshot() as c:
             row = c.execute(f"SELECT {', '.join(INSTANCE_COLUMNS)} FROM instances WHERE uuid = ?",
@@ -823,9 +851,11 @@ class SqliteCellDB(CellDB):
             done = [cid for (cid,) in c.execute(
                 "SELECT command_id FROM inbox WHERE instance_uuid = ? AND state != 'new'"
                 " ORDER BY finished_at, command_id", (uuid,))]
+            actions = _load_actions(c, uuid)
         return {"instance": inst, "flavor": flavor, "extra": extra, "metadata": metadata,
                 "tags": tags, "security_groups": groups, "vifs": vifs, "ips": ips,
-                "volumes": volumes, "fault": fault, "host": host, "done_commands": done}
+                "volumes": volumes, "fault": fault, "host": host, "done_commands": done,
+                "actions": actions}
 
     def all_instance_versions(self) -> list[tuple[str, int, str]]:
         """``(uuid, version, 'upsert' | 'delete')`` of every server, by uuid (verify, resync)."""

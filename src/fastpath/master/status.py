@@ -22,6 +22,8 @@ from fastpath.master.shm import ROLE_NAMES, SharedState
 RUN_DIR = "run"
 PID_FILE = "master.pid"
 SHM_FILE = "fastpath.shm"
+# Written by the cellsync daemon (at most once a second), read by /metrics and status.
+CELLSYNC_STATS_FILE = "cellsync.json"
 
 EXIT_OK = 0
 EXIT_NOT_RUNNING = 1
@@ -31,6 +33,35 @@ def run_paths(data_dir: str) -> tuple[str, str, str]:
     """(run dir, pid/lock file, shared-memory file) of a data dir."""
     run = os.path.join(data_dir, RUN_DIR)
     return run, os.path.join(run, PID_FILE), os.path.join(run, SHM_FILE)
+
+
+def cellsync_stats_path(data_dir: str) -> str:
+    return os.path.join(data_dir, RUN_DIR, CELLSYNC_STATS_FILE)
+
+
+def write_json_atomic(path: str, doc: Any) -> None:
+    """Replace ``path`` with ``doc`` as JSON: readers see the old file or the new, whole."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, separators=(",", ":"), sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_cellsync_stats(data_dir: str) -> dict[str, Any] | None:
+    """The last stats cellsync published for ``data_dir`` (None: none, or unreadable)::
+
+        {"pid": 123, "updated_at": 1764480000.5,
+         "cells": {"cell1": {"cursor": 10, "head": 12, "lag_seqs": 2, "lag_seconds": 0.01,
+                             "applied_total": 345, "resyncs_total": 0}}}
+    """
+    try:
+        with open(cellsync_stats_path(data_dir), encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("cells"), dict):
+        return None
+    return doc
 
 
 def _pid_alive(pid: int) -> bool:

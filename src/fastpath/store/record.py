@@ -221,6 +221,43 @@ def _check_fault(v: Any) -> str | None:
     return None if v is None else _check_keys(v, FAULT_KEYS)
 
 
+ACTION_KEYS: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("request_id", _STR),  # the command id (Nova's request_id)
+    ("action", _STR),  # create, reboot, stop, ...
+    ("project_id", _STR),
+    ("user_id", _STR),
+    ("start_time", _INT),
+    ("updated_at", _INT),  # the latest start or finish of the action or an event (2.58)
+    ("message", _OPT_STR),
+    ("events", (list,)),  # EVENT_KEYS maps, newest first
+)
+EVENT_KEYS: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("event", _STR),
+    ("start_time", _INT),
+    ("finish_time", _OPT_INT),
+    ("result", _OPT_STR),
+    ("traceback", _OPT_STR),  # admin only
+    ("host", _OPT_STR),  # 2.62 admin; hostId 2.62
+    ("details", _OPT_STR),  # 2.84 admin
+)
+
+
+def _check_actions(v: Any) -> str | None:
+    for a in v:
+        if not isinstance(a, dict):
+            return "an action must be a map"
+        problem = _check_keys(a, ACTION_KEYS)
+        if problem:
+            return problem
+        for e in a["events"]:
+            if not isinstance(e, dict):
+                return "an action event must be a map"
+            problem = _check_keys(e, EVENT_KEYS)
+            if problem:
+                return f"event: {problem}"
+    return None
+
+
 def _check_pending(v: Any) -> str | None:
     if not all(isinstance(k, str) and isinstance(x, dict) for k, x in v.items()):
         return "expected a map of command id to a map of field values"
@@ -292,6 +329,8 @@ FIELDS: tuple[Field, ...] = (
     Field("user_data", _OPT_STR, C, _none, "OS-EXT-SRV-ATTR:user_data (base64)"),
     # -- errors
     Field("fault", (dict, _N), C, _none, "fault {code, created, message, details(admin)}", _check_fault),
+    # -- history (os-instance-actions: not in any server view, read by that API alone)
+    Field("actions", (list,), C, _empty_list, "os-instance-actions (newest first)", _check_actions),
     # -- commands (read-your-writes)
     Field("done_commands", (list,), C, _empty_list, "(sync) ids of commands the cell executed", _check_str_list),
     Field("pending", (dict,), A, _empty_dict, "(sync) provisional values of accepted commands", _check_pending),
