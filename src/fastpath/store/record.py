@@ -243,19 +243,13 @@ EVENT_KEYS: tuple[tuple[str, tuple[type, ...]], ...] = (
 
 
 def _check_actions(v: Any) -> str | None:
-    for a in v:
-        if not isinstance(a, dict):
-            return "an action must be a map"
-        problem = _check_keys(a, ACTION_KEYS)
-        if problem:
-            return problem
-        for e in a["events"]:
-            if not isinstance(e, dict):
-                return "an action event must be a map"
-            problem = _check_keys(e, EVENT_KEYS)
-            if problem:
-                return f"event: {problem}"
-    return None
+    problems = (
+        "an action must be a map" if not isinstance(a, dict) else _check_keys(a, ACTION_KEYS)
+        or next((f"event: {p}" for p in (
+            _check_keys(e, EVENT_KEYS) if isinstance(e, dict) else "not a map"
+            for e in a["events"]) if p), None)
+        for a in v)
+    return next((p for p in problems if p), None)
 
 
 def _check_pending(v: Any) -> str | None:
