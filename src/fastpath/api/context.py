@@ -7,9 +7,13 @@ handler modules receive it in their ``routes(ctx)`` function and close over it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastpath.settings import Settings
 from fastpath.store import Store
+
+if TYPE_CHECKING:
+    from fastpath.api.commit import GroupCommitter
 
 
 @dataclass
@@ -18,13 +22,21 @@ class ApiContext:
     store: Store
     max_limit: int = 1000
     disabled_extensions: frozenset[str] = field(default_factory=frozenset)
+    # The worker's one write path (commands): group commit of every command's write txn.
+    committer: GroupCommitter | None = None
 
     @classmethod
     def create(cls, settings: Settings, store: Store) -> ApiContext:
+        from fastpath import wake
+        from fastpath.api import views
+        from fastpath.api.commit import GroupCommitter
+
         disabled = frozenset(
             x.strip() for x in settings["api.disabled_extensions"].split(",") if x.strip()
         )
-        return cls(settings, store, settings["api.max_limit"], disabled)
+        committer = GroupCommitter(
+            store, views.render_server, bell=wake.bell_path(settings["data_dir"], "forwarder"))
+        return cls(settings, store, settings["api.max_limit"], disabled, committer)
 
 
 def open_store(settings: Settings, counters: tuple[object, int] | None = None) -> Store:

@@ -127,29 +127,32 @@ class Apply:
                 return
 
         rec = self.merge_api_fields(u, rec)
+        # Indexes and views show the effective record (pending commands overlaid,
+        # docs/commands.md); the frame keeps the cell's fields and ``pending`` apart.
+        eff = R.effective(rec)
         project = L.name_bytes(rec["project_id"], "project_id")
         created, updated = rec["created_at"], rec["updated_at"]
-        ival = R.pack_index(R.index_entry(rec))
+        ival = R.pack_index(R.index_entry(eff))
         txn.put(u, L.pack_frame(version, created, updated, project, R.pack(rec)), db=d.servers)
+        cell_key = L.by_cell_key(L.name_bytes(rec["cell"], "cell"), u)
         pkey = L.by_project_key(project, created, u)
         ckey = L.by_changed_key(updated, u)
-        flavor = rec["flavor"]
-        cell_key = L.by_cell_key(L.name_bytes(rec["cell"], "cell"), u)
+        flavor = eff["flavor"]
         if old is None:
             txn.put(pkey, ival, db=d.by_project)
             txn.put(L.by_created_key(created, u), ival, db=d.by_created)
             txn.put(ckey, L.CHANGED_LIVE, db=d.by_changed)
+            txn.put(cell_key, b"", db=d.by_cell)
             self.count(rec["project_id"], 1, flavor["vcpus"], flavor["ram"])
         else:
-            old_pkey = L.by_project_key(old_project, old_created, u)
-            txn.put(cell_key, b"", db=d.by_cell)
-            old_ival = txn.get(old_pkey, db=d.by_project)
-            if old_pkey != pkey:
             # PERF: a get, no write, while the server stays in its cell (the common case);
             # the old record is decoded only when it moved, to find its old entry.
             if txn.get(cell_key, db=d.by_cell) is None:
                 self.forget_cell(u, old)
                 txn.put(cell_key, b"", db=d.by_cell)
+            old_pkey = L.by_project_key(old_project, old_created, u)
+            old_ival = txn.get(old_pkey, db=d.by_project)
+            if old_pkey != pkey:
                 txn.delete(old_pkey, db=d.by_project)
                 txn.delete(L.by_created_key(old_created, u), db=d.by_created)
             if old_pkey != pkey or old_ival != ival:
@@ -163,7 +166,7 @@ class Apply:
                 # The old entry stays, superseded: readers skip it, trim_some removes it.
                 txn.put(ckey, L.CHANGED_LIVE, db=d.by_changed)
         if self.render is not None:
-            self.put_views(u, self.render(rec))
+            self.put_views(u, self.render(eff))
         summary.applied += 1
 
     def tombstone(self, ch: Tombstone) -> None:
@@ -208,11 +211,11 @@ class Apply:
         wrong is the stored record decoded to find its ``by_cell`` entry.
         """
         d, txn = self.d, self.txn
+        if cell is None or not txn.delete(L.by_cell_key(L.name_bytes(cell, "cell"), u), db=d.by_cell):
+            self.forget_cell(u, frame)
         pkey = L.by_project_key(project, created, u)
         ival = txn.get(pkey, db=d.by_project)
         if ival is not None:
-        if cell is None or not txn.delete(L.by_cell_key(L.name_bytes(cell, "cell"), u), db=d.by_cell):
-            self.forget_cell(u, frame)
             o = R.unpack_index(ival)
             self.count(o.project_id, -1, -o.vcpus, -o.ram)
         txn.delete(pkey, db=d.by_project)
@@ -222,9 +225,6 @@ class Apply:
         self.put_views(u, {})
         # Its by_changed entry is superseded by the tombstone's (trim_some removes it).
 
-    def drop_tombstone(self, u: bytes, deleted_at: int) -> None:
-        self.txn.delete(u, db=self.d.tombstones)
-        self.txn.delete(L.tomb_age_key(deleted_at, u), db=self.d.tomb_age)
     def forget_cell(self, u: bytes, frame: bytes | memoryview) -> None:
         """Delete the ``by_cell`` entry of the record in ``frame`` (decoded: the rare path)."""
         off = L.unpack_frame_head(frame)[4]
@@ -232,6 +232,9 @@ class Apply:
         if isinstance(cell, str) and cell:
             self.txn.delete(L.by_cell_key(L.name_bytes(cell, "cell"), u), db=self.d.by_cell)
 
+    def drop_tombstone(self, u: bytes, deleted_at: int) -> None:
+        self.txn.delete(u, db=self.d.tombstones)
+        self.txn.delete(L.tomb_age_key(deleted_at, u), db=self.d.tomb_age)
 
     def merge_api_fields(self, u: bytes, rec: Mapping[str, Any]) -> Mapping[str, Any]:
         """The record to store: the cell's fields plus the stored API-owned fields (rule 7)."""

@@ -40,7 +40,7 @@ def check(txn: lmdb.Transaction, d: Dbs) -> list[str]:
             version, L.uuid_str(u), created, updated,
         ) or rec["project_id"].encode() != project:
             problems.append(f"{L.uuid_str(u)}: frame and record disagree")
-        live[u] = (created, updated, project, R.pack_index(R.index_entry(rec)))
+        live[u] = (created, updated, project, R.pack_index(R.index_entry(R.effective(rec))))
         by_cell.add(L.by_cell_key(str(rec["cell"]).encode(), u))
         totals = usage.setdefault(rec["project_id"], [0, 0, 0])
         totals[0] += 1

@@ -385,6 +385,35 @@ def status_from_state(vm_state: str, task_state: str | None) -> str:
     return task_map.get(task_state, task_map[None])
 
 
+# Fields a pending entry may not overlay: identity, sync bookkeeping, the API's own and
+# ``status`` (always derived from vm_state and task_state).
+NOT_PENDABLE = frozenset(("schema", "uuid", "version", "cell", "project_id", "user_id",
+                          "created_at", "updated_at", "done_commands", "pending", "status"))
+PENDABLE: frozenset[str] = frozenset(CELL_FIELDS) - NOT_PENDABLE
+
+
+def effective(rec: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The record as the API shows it: the cell's fields overlaid by every ``pending``
+    entry's ``fields``, oldest ``at`` first (ties by command id), ``status`` derived again
+    when a pending entry moved ``vm_state``/``task_state`` (docs/commands.md,
+    read-your-writes).  Fields outside :data:`PENDABLE` are ignored.  Without pending
+    entries: ``rec`` itself (no copy)."""
+    pending = rec.get("pending")
+    if not pending:
+        return rec
+    out = dict(rec)
+    touched = False
+    for _, entry in sorted(pending.items(), key=lambda kv: (kv[1].get("at", 0), kv[0])):
+        fields = entry.get("fields") or {}
+        for name, value in fields.items():
+            if name in PENDABLE:
+                out[name] = value
+                touched = touched or name in ("vm_state", "task_state")
+    if touched:
+        out["status"] = status_from_state(out["vm_state"], out["task_state"])
+    return out
+
+
 # -- building and checking records ------------------------------------------------------------
 def make_record(values: Mapping[str, Any]) -> dict[str, Any]:
     """Build a complete, validated record from ``values``.

@@ -1,0 +1,180 @@
+"""Group commit: the one write path of an API worker's commands (docs/commands.md).
+
+LMDB has one writer at a time and a durable commit costs an fsync, so a worker does not
+commit per command.  :class:`GroupCommitter` queues the commands of its worker; one commit
+is in flight at a time, in a dedicated thread (off the event loop: the loop keeps answering
+while the disk syncs), and every command that arrives meanwhile joins the next group.  A
+group is one write transaction (:func:`fastpath.store.commands.run_group`): each command's
+``work(ctxn)`` runs in its own nested transaction, so a work that raises (an
+:class:`~fastpath.errors.HTTPFault` refusal, or a bug) leaves no write and refuses only
+itself.  ``await submit(work)`` returns the work's value only once the group's commit is
+durable (LMDB synced commit); that is when a command may be acknowledged (202).
+
+Bounds: a group holds at most ``max_group`` commands; at most ``max_queue`` wait (beyond,
+``submit`` answers 503 with ``Retry-After`` at once: memory stays bounded under overload).
+A failure of the transaction itself (the map cannot grow: ``StoreFullError``; any LMDB
+error) resolves every future of the group with a 503 (store full) or 500, logged once with
+its cause.
+
+Works run in the committer thread; they must not touch the event loop.  Map resizes run on
+the loop thread (see :mod:`fastpath.store.commands`).  After each durable commit that wrote
+outbox entries the forwarder's bell is rung.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from fastpath import wake
+from fastpath.errors import HTTPFault
+from fastpath.store import Store
+from fastpath.store.changes import Renderer
+from fastpath.store.commands import RESIZE_GROW, CommandTxn, GroupResult, run_group
+from fastpath.store.errors import StoreError, StoreFullError
+
+log = logging.getLogger("fastpath.api.commit")
+
+T = TypeVar("T")
+
+MAX_GROUP = 512
+MAX_QUEUE = 8192
+RESIZE_TIMEOUT = 60.0  # seconds the committer waits for the loop thread to resize the map
+
+
+class Busy(HTTPFault):
+    """The committer's queue is full: 503 with Retry-After, nothing written."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            503, "The API is busy: too many commands are waiting for the store. Retry later.",
+            ((b"Retry-After", b"1"),),
+        )
+
+
+class GroupCommitter:
+    """One per worker process (created with its :class:`~fastpath.api.context.ApiContext`)."""
+
+    def __init__(self, store: Store, render: Renderer | None, *, max_group: int = MAX_GROUP,
+                 max_queue: int = MAX_QUEUE, bell: str | None = None) -> None:
+        if max_group < 1 or max_queue < 1:
+            raise ValueError("max_group and max_queue must be at least 1")
+        self.store = store
+        self.render = render
+        self.max_group = max_group
+        self.max_queue = max_queue
+        self.bell = bell  # path of the forwarder's bell (fastpath.wake), or None
+        self._queue: collections.deque[tuple[Callable[[CommandTxn], Any], asyncio.Future[Any]]]
+        self._queue = collections.deque()
+        self._draining = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # statistics (tests, metrics): durable commits, commands committed, refused as busy
+        self.commits = 0
+        self.commands = 0
+        self.busy = 0
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, work: Callable[[CommandTxn], T]) -> T:
+        """Run ``work(ctxn)`` in the next group's write transaction; its value once durable.
+
+        ``work`` runs in the committer thread, maybe more than once (the group runs again
+        after the map grew), so it computes nothing random and keeps no state outside
+        ``ctxn``.  What it raises is raised here (after the group committed the others).
+        """
+        loop = asyncio.get_running_loop()
+        if len(self._queue) >= self.max_queue:
+            self.busy += 1
+            raise Busy()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.append((work, fut))
+        if not self._draining:
+            self._draining = True
+            self._loop = loop
+            loop.create_task(self._drain(loop))
+        return await fut
+
+    async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastpath-commit")
+            while self._queue:
+                n = min(len(self._queue), self.max_group)
+                group = [self._queue.popleft() for _ in range(n)]
+                works = [w for w, _ in group]
+                try:
+                    result: GroupResult = await loop.run_in_executor(
+                        self._executor, self._commit, works, loop)
+                except Exception as exc:  # noqa: BLE001 - resolved into every future
+                    fault = _store_fault(exc, len(group))
+                    for _, fut in group:
+                        if not fut.done():
+                            fut.set_exception(fault)
+                    continue
+                self.commits += 1
+                self.commands += len(group)
+                for (_, fut), (ok, value) in zip(group, result.outcomes, strict=True):
+                    if fut.done():  # the caller went away; its command is committed anyway
+                        continue
+                    if ok:
+                        fut.set_result(value)
+                    else:
+                        fut.set_exception(value)
+                if result.outbox_written and self.bell is not None:
+                    wake.ring(self.bell)  # never blocks or raises; the forwarder also polls
+        finally:
+            self._draining = False
+
+    def _commit(self, works: list[Callable[[CommandTxn], Any]],
+                loop: asyncio.AbstractEventLoop) -> GroupResult:
+        return run_group(self.store, works, self.render, lambda kind: self._resize(kind, loop))
+
+    def _resize(self, kind: str, loop: asyncio.AbstractEventLoop) -> None:
+        """In the committer thread: have the loop thread resize the map (no transaction of
+        this process is open there between callbacks) and wait for it."""
+        done = threading.Event()
+        box: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                if kind == RESIZE_GROW:
+                    self.store._grow()
+                else:
+                    self.store._env.set_mapsize(0)  # adopt another process's size
+            except BaseException as exc:  # noqa: BLE001 - carried back to the thread
+                box.append(exc)
+            finally:
+                done.set()
+
+        loop.call_soon_threadsafe(run)
+        if not done.wait(RESIZE_TIMEOUT):
+            raise StoreError(f"the event loop did not resize the store map within {RESIZE_TIMEOUT}s")
+        if box:
+            raise box[0]
+
+    def close(self) -> None:
+        """Stop the committer thread after the commit in flight (worker shutdown)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+def _store_fault(exc: BaseException, n: int) -> HTTPFault:
+    if isinstance(exc, StoreFullError):
+        log.error("group commit of %d command(s) failed: %s", n, exc)
+        return HTTPFault(503, "The API store is full; the command was not accepted. Retry later.",
+                         ((b"Retry-After", b"30"),))
+    log.error("group commit of %d command(s) failed", n, exc_info=exc)
+    return HTTPFault(500, "Unexpected API Error. The command was not accepted: the store "
+                          "could not commit it.")
+
+
+__all__ = ["Busy", "GroupCommitter", "MAX_GROUP", "MAX_QUEUE"]

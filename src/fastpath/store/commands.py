@@ -1,0 +1,246 @@
+"""The command write transaction: what an API command may write, and the group that
+shares one durable commit (docs/commands.md).
+
+:func:`run_group` runs a list of *works* -- ``work(ctxn) -> value`` -- in ONE LMDB write
+transaction and commits it (durably: the store is opened with LMDB's synced commits).
+Each work runs in its own **nested transaction** (``mdb_txn_begin`` with a parent; py-lmdb
+``env.begin(write=True, parent=txn)``): a work that raises (an ``HTTPFault`` refusal such as
+403 over quota or 409 task-state conflict, or a bug) has its child aborted -- none of its
+writes stay -- and the others of the group commit.  So a work may write and *then* refuse;
+nothing it wrote survives.  A work sees the writes of the works before it in the group
+(LMDB: a child sees its parent's changes), which is how the re-checks inside the write
+transaction (quota headroom, task state, lock) cannot over-admit.
+
+The group may run more than once (after the map grew: every work again, in a fresh
+transaction), so a work keeps no state outside its ``CommandTxn`` and computes anything
+random (ids, passwords, times) *before* it is submitted.
+
+Map growth and adopting a map grown by another process call ``mdb_env_set_mapsize``, which
+LMDB allows only "if no transactions are active in this process".  :func:`run_group` runs
+in a committer thread while the event loop thread reads, so it never resizes itself: it
+aborts, calls ``resize(kind)`` (the committer runs it on the loop thread, between requests,
+where no read transaction is open) and runs the group again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+import msgpack
+
+from fastpath.store import apply as A
+from fastpath.store import layout as L
+from fastpath.store import record as R
+from fastpath.store.changes import Catalog, CatalogPut, Renderer, Upsert
+from fastpath.store.dbs import Dbs
+from fastpath.store.errors import RecordError
+from fastpath.store.reader import Reader
+
+if TYPE_CHECKING:
+    from fastpath.store.store import Store
+
+log = logging.getLogger("fastpath.store")
+
+Work = Callable[["CommandTxn"], Any]
+
+
+class TxnReader(Reader):
+    """The read API of :class:`Reader` over a write transaction (reads inside the command's
+    transaction see its own and its group's earlier writes).  Not a context manager: the
+    transaction belongs to :func:`run_group`."""
+
+    def __init__(self, dbs: Dbs, txn: lmdb.Transaction) -> None:  # noqa: D107
+        self._d = dbs
+        self._txn = txn
+
+    def __enter__(self) -> Reader:
+        raise TypeError("a TxnReader is not a transaction of its own")
+
+
+class CommandTxn:
+    """What one command may do inside the group's write transaction.
+
+    ``txn``/``dbs``: the raw (nested) transaction and the database handles; ``reader``: the
+    read API over it.  Writes go through the methods below so that indexes, views, quota
+    usage and catalogue generations stay right (one code path with ``Store.apply``).
+    """
+
+    __slots__ = ("txn", "dbs", "reader", "render", "outbox_written", "_apply")
+
+    def __init__(self, dbs: Dbs, txn: lmdb.Transaction, render: Renderer | None) -> None:
+        self.txn = txn
+        self.dbs = dbs
+        self.reader = TxnReader(dbs, txn)
+        self.render = render
+        self.outbox_written = 0
+        self._apply = A.Apply(dbs, txn, render)
+
+    # -- reads -------------------------------------------------------------------------------
+    def quota_usage(self, project: str) -> dict[str, int]:
+        """instances, cores, ram in use by the project, with this group's writes so far."""
+        return self.reader.quota_usage(project)
+
+    def quota_limits(self, project: str) -> dict[str, int]:
+        return self.reader.quota_limits(project)
+
+    # -- the outbox --------------------------------------------------------------------------
+    def put_outbox(self, cell: str, server: str | None, command_id: str,
+                   payload: Mapping[str, Any], at: int | None = None) -> int:
+        """Append a command for ``cell`` to the outbox; returns its sequence (key).
+
+        Key = the outbox's last key + 1, inside this transaction, so keys follow commit order
+        (and, per server, acceptance order).  The value is docs/commands.md's outbox entry.
+        """
+        L.name_bytes(cell, "cell")
+        cur = self.txn.cursor(db=self.dbs.outbox)
+        seq = int(L.U64.unpack(cur.key())[0]) + 1 if cur.last() else 1
+        entry = {"id": command_id, "cell": cell, "server": server, "payload": dict(payload),
+                 "at": R.now_us() if at is None else at}
+        self.txn.put(L.outbox_key(seq), R.pack(entry), db=self.dbs.outbox)
+        self.outbox_written += 1
+        return seq
+
+    # -- servers -----------------------------------------------------------------------------
+    def upsert_provisional(self, record: Mapping[str, Any]) -> None:
+        """Store a new server's provisional record (version 0, built by
+        ``record.make_record``) through apply's upsert: indexes, views, quota usage.
+
+        Raises :class:`RecordError` if the uuid is taken (live or tombstoned).
+        """
+        if record["version"] != 0:
+            raise RecordError(f"a provisional record has version 0, not {record['version']}")
+        u = L.uuid_key(record["uuid"])
+        if self.txn.get(u, db=self.dbs.servers) is not None or \
+                self.txn.get(u, db=self.dbs.tombstones) is not None:
+            raise RecordError(f"server {record['uuid']} exists already")
+        ap = self._apply
+        ap.upsert(Upsert(record["uuid"], 0, record))
+        ap.flush_usage()
+        ap.usage.clear()
+
+    def set_pending(self, uuid: str, command_id: str, fields: Mapping[str, Any],
+                    at: int | None = None) -> Mapping[str, Any]:
+        """Record an accepted command's predicted effect on a live server (``pending``) and
+        re-render the server's index entries and views from the effective record.
+
+        ``fields``: cell-owned fields (:data:`record.PENDABLE`) as they will be once the cell
+        ran the command.  Returns the new effective record.  The frame (version, timestamps)
+        is kept: only the cell moves a server's version.
+        """
+        bad = sorted(set(fields) - R.PENDABLE)
+        if bad:
+            raise RecordError(f"pending fields not allowed: {', '.join(bad)}")
+        d, txn = self.dbs, self.txn
+        u = L.uuid_key(uuid)
+        frame = txn.get(u, db=d.servers)
+        if frame is None:
+            raise RecordError(f"server {uuid} is not live in the store")
+        version, created, updated, project, off = L.unpack_frame_head(frame)
+        rec = R.unpack(frame[off:])
+        raw = txn.get(u, db=d.api_fields)
+        api: dict[str, Any] = msgpack.unpackb(raw, raw=False) if raw is not None else {}
+        pending = dict(api.get("pending") or {})
+        pending[command_id] = {"at": R.now_us() if at is None else at, "fields": dict(fields)}
+        api["pending"] = pending
+        txn.put(u, R.pack(api), db=d.api_fields)
+        rec["pending"] = pending
+        txn.put(u, L.pack_frame(version, created, updated, project, R.pack(rec)), db=d.servers)
+        eff = R.effective(rec)
+        ival = R.pack_index(R.index_entry(eff))
+        pkey = L.by_project_key(project, created, u)
+        old_ival = txn.get(pkey, db=d.by_project)
+        if old_ival != ival:
+            txn.put(pkey, ival, db=d.by_project)
+            txn.put(L.by_created_key(created, u), ival, db=d.by_created)
+            ap = self._apply
+            if old_ival is not None:
+                o = R.unpack_index(old_ival)
+                ap.count(o.project_id, -1, -o.vcpus, -o.ram)
+            ap.count(eff["project_id"], 1, eff["flavor"]["vcpus"], eff["flavor"]["ram"])
+            ap.flush_usage()
+            ap.usage.clear()
+        if self.render is not None:
+            self._apply.put_views(u, self.render(eff))
+        return eff
+
+    # -- catalogue ---------------------------------------------------------------------------
+    def catalog(self, puts: Sequence[CatalogPut]) -> None:
+        """Put or delete catalogue entries (flavors, keypairs, quota_limits, images, ...),
+        raising each changed table's generation: apply's code path."""
+        ap = self._apply
+        for put in puts:
+            ap.catalog(put)
+        for table in ap.changed_tables:
+            ap.bump_generation(table)
+        ap.changed_tables.clear()
+
+    def put_catalog(self, table: Catalog, key: str | tuple[str, str],
+                    value: Mapping[str, Any] | None) -> None:
+        """One catalogue put (``value=None``: delete)."""
+        self.catalog([CatalogPut(table, key, value)])
+
+
+# -- the group --------------------------------------------------------------------------------
+@dataclass(slots=True)
+class GroupResult:
+    """What one run of a group did: per work ``(ok, value or exception)``, in order."""
+
+    outcomes: list[tuple[bool, Any]]
+    outbox_written: int
+    attempts: int
+
+
+RESIZE_GROW = "grow"  # MDB_MAP_FULL: grow the map (Store._grow)
+RESIZE_ADOPT = "adopt"  # MDB_MAP_RESIZED: adopt the size another process set
+
+
+def run_group(store: Store, works: Sequence[Work], render: Renderer | None,
+              resize: Callable[[str], None]) -> GroupResult:
+    """Run ``works`` in one durable write transaction, each in its own nested transaction
+    (see the module docstring).  Counted as one write transaction of ``store`` per attempt.
+
+    Exceptions of a work are its outcome; ``lmdb.MapFullError`` is not (the whole group
+    runs again after ``resize(RESIZE_GROW)``).  Any other failure of the transaction itself
+    (begin, commit) raises: no work of the group is committed.
+    """
+    store._check_process()
+    env = store._env
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            txn = env.begin(write=True)
+        except lmdb.MapResizedError:
+            resize(RESIZE_ADOPT)
+            continue
+        store._counts[1] += 1
+        outcomes: list[tuple[bool, Any]] = []
+        written = 0
+        try:
+            with txn:  # py-lmdb: commit on normal exit, abort on an exception
+                for work in works:
+                    child = env.begin(write=True, parent=txn)
+                    ctxn = CommandTxn(store.dbs, child, render)
+                    try:
+                        value = work(ctxn)
+                    except lmdb.MapFullError:
+                        child.abort()
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - the work's own outcome
+                        child.abort()
+                        outcomes.append((False, exc))
+                        continue
+                    child.commit()
+                    written += ctxn.outbox_written
+                    outcomes.append((True, value))
+            return GroupResult(outcomes, written, attempts)
+        except lmdb.MapFullError:
+            resize(RESIZE_GROW)
+
+
+__all__ = ["CommandTxn", "GroupResult", "TxnReader", "Work", "run_group", "RESIZE_GROW",
+           "RESIZE_ADOPT"]
