@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
+from itertools import accumulate
 from typing import Any
 
 from fastpath._loader import load_core
@@ -81,15 +82,17 @@ _core = load_core()
 
 
 # -- write time ----------------------------------------------------------------------------
+_HEAD = struct.Struct(f"<BBH{N_FRAGMENTS + 1}I")
+
+
 def render_server(record: Mapping[str, Any]) -> dict[bytes, bytes]:
     """``{VIEW_ID: blob}``: every fragment of every view of ``record``, rendered once."""
     frags = table.render_fragments(record if isinstance(record, dict) else dict(record))
-    offsets = [0]
-    for f in frags:
-        offsets.append(offsets[-1] + len(f))
-    links = sum(f.count(b"\x00") for f in frags)
-    head = struct.pack(f"<BBH{len(offsets)}I", BLOB_FORMAT, len(frags), links, *offsets)
-    return {VIEW_ID: head + b"".join(frags)}
+    body = b"".join(frags)
+    # Link placeholders are the only NULs (JSON escapes a NUL in a string as \u0000).
+    head = _HEAD.pack(BLOB_FORMAT, N_FRAGMENTS, body.count(b"\x00"),
+                      *accumulate(map(len, frags), initial=0))
+    return {VIEW_ID: head + body}
 
 
 def parse_blob(blob: bytes) -> list[bytes]:

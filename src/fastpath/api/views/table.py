@@ -169,25 +169,82 @@ N_FRAGMENTS = len(FRAGMENTS)
 
 
 # -- rendering ------------------------------------------------------------------------------
+# PERF: render_server runs once per applied change in cellsync (issue 6: >= 50,000 changes/s).
+# What it costs is Python calls and the JSON encoder's per-call set-up, not bytes, so:
+# - scalars are encoded without json.dumps (the C string encoder json itself uses, int repr);
+# - a fragment whose inputs are shared by many servers (status, flavor snapshot, image, host,
+#   the empty fault...) is memoized by those inputs: a state change re-renders the state
+#   fragments and the few fragments unique to a server (id, name, times, addresses), and
+#   everything else is a dict hit;
+# - fragments rendered from the same input (the four addresses variants, flavor / flavor_v47,
+#   image / image_v98, the two faults, the two volume lists) come from one producer.
+# The bytes are exactly those of json.dumps(value, ensure_ascii=True) (Nova's
+# jsonutils.dumps): tests/unit/test_views_render.py pins them.
+_str = json.encoder.encode_basestring_ascii  # C; what json.dumps uses with ensure_ascii
+
+
 def _dumps(value: Any) -> str:
-    # ensure_ascii as Nova's jsonutils.dumps: the bytes are ASCII, \\x00 never raw.
+    """json.dumps(value) with ensure_ascii and the default separators (Nova's jsonutils)."""
+    t = type(value)
+    if t is str:
+        return _str(value)  # type: ignore[no-any-return]
+    if value is None:
+        return "null"
+    if t is bool:
+        return "true" if value else "false"
+    if t is int:
+        return int.__repr__(value)
     return json.dumps(value, ensure_ascii=True)
+
+
+# Dates of days seen (bounded): the date part of a timestamp is a dict hit.
+_DAYS: dict[int, tuple[str, str]] = {}
+_MEMO_MAX = 4096  # entries per memo before it starts again (memory bound, not a policy)
+
+
+def _day(day: int) -> tuple[str, str]:
+    """(strftime '%Y-%m-%dT', isoformat 'YYYY-MM-DDT') of day number ``day`` (UTC)."""
+    d = _DAYS.get(day)
+    if d is None:
+        dt = datetime.fromtimestamp(day * 86_400, UTC)
+        d = (dt.strftime("%Y-%m-%dT"), dt.date().isoformat() + "T")
+        if len(_DAYS) >= _MEMO_MAX:
+            _DAYS.clear()
+        _DAYS[day] = d
+    return d
+
+
+_HH = tuple(f"{h:02d}:" for h in range(24))
+_MMSS = tuple(f"{m:02d}:{s:02d}" for m in range(60) for s in range(60))
 
 
 def _isotime(us: int | None) -> str | None:
     """utils.isotime: '2013-09-03T04:01:32Z' (UTC, whole seconds)."""
     if us is None:
         return None
-    return datetime.fromtimestamp(us // 1_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    day, sod = divmod(us // 1_000_000, 86_400)
+    h, ms = divmod(sod, 3600)
+    return (_DAYS.get(day) or _day(day))[0] + _HH[h] + _MMSS[ms] + "Z"
 
 
 def _naive_iso(us: int | None) -> str | None:
-    """OS-SRV-USG: str of a TZ-naive datetime through jsonutils: '2013-09-23T13:37:00.880302'."""
+    """OS-SRV-USG: str of a TZ-naive datetime through jsonutils: '2013-09-23T13:37:00.880302'
+    (datetime.isoformat: no fraction when the microseconds are 0)."""
     if us is None:
         return None
-    dt = datetime.fromtimestamp(us // 1_000_000, UTC).replace(
-        microsecond=us % 1_000_000, tzinfo=None)
-    return dt.isoformat()
+    sec, micro = divmod(us, 1_000_000)
+    day, sod = divmod(sec, 86_400)
+    h, ms = divmod(sod, 3600)
+    t = (_DAYS.get(day) or _day(day))[1] + _HH[h] + _MMSS[ms]
+    return f"{t}.{micro:06d}" if micro else t
+
+
+def _time_json(us: int | None) -> str:
+    return "null" if us is None else f'"{_isotime(us)}"'
+
+
+def _naive_json(us: int | None) -> str:
+    return "null" if us is None else f'"{_naive_iso(us)}"'
 
 
 def host_id(project_id: str, host: str | None) -> str:
@@ -199,7 +256,7 @@ def host_id(project_id: str, host: str | None) -> str:
 
 def _link(placeholder: str, suffix: str) -> str:
     # '"\x00S/servers/<id>"': the placeholder goes inside the JSON string, raw.
-    return '"' + placeholder + _dumps(suffix)[1:]
+    return '"' + placeholder + _str(suffix)[1:]  # type: ignore[no-any-return]
 
 
 def _links_json(collection: str, ident: str) -> str:
@@ -211,145 +268,280 @@ def _bookmark_json(collection: str, ident: str) -> str:
     return f'[{{"rel": "bookmark", "href": {_link(BOOKMARK, f"/{collection}/{ident}")}}}]'
 
 
-def _addresses(rec: dict[str, Any], ips: bool, mac: bool) -> str:
+def _addresses(rec: dict[str, Any]) -> tuple[str, str, str, str]:
+    """addresses with OS-EXT-IPS and OS-EXT-IPS-MAC, with IPS only, MAC only, neither."""
     # Nova hides addresses while building (ViewBuilder._get_addresses).
-    if rec["vm_state"] == "building":
-        return "{}"
-    out: dict[str, list[dict[str, Any]]] = {}
+    if rec["vm_state"] == "building" or not rec["addresses"]:
+        return ("{}",) * 4  # type: ignore[return-value]
+    both: list[str] = []
+    ips: list[str] = []
+    mac: list[str] = []
+    plain: list[str] = []
     for net, entries in rec["addresses"].items():
-        items = []
+        b, i, m, p = [], [], [], []
         for a in entries:
-            item: dict[str, Any] = {"version": a["version"], "addr": a["addr"]}
-            if ips:
-                item["OS-EXT-IPS:type"] = a["type"]
-            if mac:
-                item["OS-EXT-IPS-MAC:mac_addr"] = a["mac"]
-            items.append(item)
-        out[net] = items
-    return _dumps(out)
+            head = f'{{"version": {_dumps(a["version"])}, "addr": {_dumps(a["addr"])}'
+            t = f', "OS-EXT-IPS:type": {_dumps(a["type"])}'
+            mc = f', "OS-EXT-IPS-MAC:mac_addr": {_dumps(a["mac"])}'
+            b.append(head + t + mc + "}")
+            i.append(head + t + "}")
+            m.append(head + mc + "}")
+            p.append(head + "}")
+        k = _str(net) + ": ["
+        both.append(k + ", ".join(b) + "]")
+        ips.append(k + ", ".join(i) + "]")
+        mac.append(k + ", ".join(m) + "]")
+        plain.append(k + ", ".join(p) + "]")
+    return ("{" + ", ".join(both) + "}", "{" + ", ".join(ips) + "}",
+            "{" + ", ".join(mac) + "}", "{" + ", ".join(plain) + "}")
 
 
-def _flavor_v1(rec: dict[str, Any]) -> str:
-    fid = rec["flavor"]["id"]
-    return f'{{"id": {_dumps(fid)}, "links": {_bookmark_json("flavors", fid)}}}'
-
-
-def _flavor_v47(rec: dict[str, Any]) -> str:
+def _flavors(rec: dict[str, Any]) -> tuple[str, str]:
     f = rec["flavor"]
+    fid = f["id"]
+    v1 = f'{{"id": {_dumps(fid)}, "links": {_bookmark_json("flavors", fid)}}}'
     # extra_specs: policy servers:show:flavor-extra-specs, PROJECT_READER_OR_ADMIN: everyone.
-    return _dumps({"vcpus": f["vcpus"], "ram": f["ram"], "disk": f["disk"],
-                   "ephemeral": f["ephemeral"], "swap": f["swap"],
-                   "original_name": f["name"], "extra_specs": f["extra_specs"]})
+    v47 = _dumps({"vcpus": f["vcpus"], "ram": f["ram"], "disk": f["disk"],
+                  "ephemeral": f["ephemeral"], "swap": f["swap"],
+                  "original_name": f["name"], "extra_specs": f["extra_specs"]})
+    return v1, v47
 
 
-def _image(rec: dict[str, Any], properties: bool) -> str:
+def _images(rec: dict[str, Any]) -> tuple[str, str]:
     img = rec["image"]
     if not img:
-        return '""'  # booted from volume
+        return '""', '""'  # booted from volume
     s = f'{{"id": {_dumps(img["id"])}, "links": {_bookmark_json("images", img["id"])}'
-    if properties:
-        s += f', "properties": {_dumps(img["properties"])}'
-    return s + "}"
+    return s + "}", s + f', "properties": {_dumps(img["properties"])}}}'
 
 
-def _fault(rec: dict[str, Any], admin: bool) -> str | None:
+def _faults(rec: dict[str, Any]) -> tuple[str | None, str | None]:
     f = rec["fault"]
     if not f or rec["status"] not in FAULT_STATUSES:
-        return None
+        return None, None
     d: dict[str, Any] = {"code": f["code"], "created": _isotime(f["created"]),
                          "message": f["message"]}
+    user = admin = _dumps(d)
     # details: to admins, and to others unless the fault is a 500 (ViewBuilder._get_fault)
-    if f["details"] and (admin or f["code"] != 500):
+    if f["details"]:
         d["details"] = f["details"]
-    return _dumps(d)
+        admin = _dumps(d)
+        if f["code"] != 500:
+            user = admin
+    return admin, user
 
 
-def _volumes(rec: dict[str, Any], v3: bool) -> str:
-    if v3:
-        return _dumps([{"id": v["id"], "delete_on_termination": v["delete_on_termination"]}
-                       for v in rec["volumes_attached"]])
-    return _dumps([{"id": v["id"]} for v in rec["volumes_attached"]])
+def _volumes(rec: dict[str, Any]) -> tuple[str, str]:
+    v1: list[str] = []
+    v3: list[str] = []
+    for v in rec["volumes_attached"]:
+        i = '{"id": ' + _dumps(v["id"])
+        v1.append(i + "}")
+        v3.append(f'{i}, "delete_on_termination": {_dumps(v["delete_on_termination"])}}}')
+    return "[" + ", ".join(v1) + "]", "[" + ", ".join(v3) + "]"
 
 
-def _j(field: str) -> Callable[[dict[str, Any]], str]:
-    return lambda rec: _dumps(rec[field])
+def _text_or_empty(v: str | None) -> str:
+    return _dumps(v or "")
 
 
-# fragment -> value renderer (the JSON of the value; None = key absent).
-RENDER: dict[str, Callable[[dict[str, Any]], str | None]] = {
-    "accessIPv4": lambda r: _dumps(r["access_ip_v4"] or ""),
-    "accessIPv6": lambda r: _dumps(r["access_ip_v6"] or ""),
-    "addresses": lambda r: _addresses(r, True, True),
-    "addresses_ips": lambda r: _addresses(r, True, False),
-    "addresses_mac": lambda r: _addresses(r, False, True),
-    "addresses_plain": lambda r: _addresses(r, False, False),
-    "created": lambda r: _dumps(_isotime(r["created_at"])),
-    "flavor": _flavor_v1,
-    "flavor_v47": _flavor_v47,
-    "hostId": lambda r: _dumps(host_id(r["project_id"], r["host"])),
-    "id": _j("uuid"),
-    "image": lambda r: _image(r, False),
-    "image_v98": lambda r: _image(r, True),
-    "links": lambda r: _links_json("servers", r["uuid"]),
-    "metadata": _j("metadata"),
-    "name": _j("name"),
-    "status": _j("status"),
-    "tenant_id": lambda r: _dumps(r["project_id"] or ""),
-    "user_id": lambda r: _dumps(r["user_id"] or ""),
-    "updated": lambda r: _dumps(_isotime(r["updated_at"])),
-    "diskConfig": _j("disk_config"),
-    "fault_admin": lambda r: _fault(r, True),
-    "fault_user": lambda r: _fault(r, False),
-    "progress": lambda r: _dumps(r["progress"]) if r["status"] in PROGRESS_STATUSES else None,
-    "availability_zone": lambda r: _dumps(r["availability_zone"] or ""),
-    "config_drive": _j("config_drive"),
-    "key_name": _j("key_name"),
-    "launched_at": lambda r: _dumps(_naive_iso(r["launched_at"])),
-    "terminated_at": lambda r: _dumps(_naive_iso(r["terminated_at"])),
+def _bool(v: Any) -> str:
+    return "true" if v else "false"
+
+
+def _items(d: dict[str, Any]) -> tuple[Any, ...]:
+    """A memo key for a map whose values may be of any JSON type (True and 1 differ)."""
+    return (tuple(d.items()), tuple(map(type, d.values())))
+
+
+def _hints(rec: dict[str, Any]) -> tuple[str]:
+    h = rec["scheduler_hints"]
+    return (_dumps(h) if h else "{}",)  # values are often lists: no memo key
+
+
+class Field(NamedTuple):
+    """A fragment that shows one scalar field of the record.
+
+    ``value``: its JSON (None: key absent).  ``memo``: the field takes few values across
+    servers (states, hosts, zones...), so its fragment is kept per value; the record's
+    validated types make the value a sound key (never True for 1).
+    """
+
+    fragment: str
+    field: str
+    value: Callable[[Any], str | None] = _dumps
+    memo: bool = True
+
+
+Renderer = Callable[[dict[str, Any]], tuple[str | None, ...]]
+MemoKey = Callable[[dict[str, Any]], Any]
+
+
+class Producer(NamedTuple):
+    """Renders the values of one or more fragments from the same inputs.
+
+    ``memo``: the inputs as a hashable key (the JSON is a function of it alone, given the
+    record's validated types), or None when they are unique to a server (ids, times).
+    """
+
+    fragments: tuple[str, ...]
+    render: Renderer
+    memo: MemoKey | None = None
+
+
+class _NoMemo:
+    """A memo key that is never stored (a fault: rare, and unique to its server)."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_NO_MEMO = _NoMemo()
+
+
+_faulty = FAULT_STATUSES.__contains__
+_progress = PROGRESS_STATUSES.__contains__
+
+# In fragment order (checked below); a value of None = key absent.
+RENDERERS: tuple[Field | Producer, ...] = (
+    Field("accessIPv4", "access_ip_v4", _text_or_empty),
+    Field("accessIPv6", "access_ip_v6", _text_or_empty),
+    Producer(("addresses", "addresses_ips", "addresses_mac", "addresses_plain"), _addresses),
+    Field("created", "created_at", _time_json, memo=False),
+    Producer(("flavor", "flavor_v47"), _flavors, lambda r: (
+        (f := r["flavor"])["id"], f["name"], f["vcpus"], f["ram"], f["disk"], f["ephemeral"],
+        f["swap"], tuple(f["extra_specs"].items()))),
+    Producer(("hostId",), lambda r: (_dumps(host_id(r["project_id"], r["host"])),),
+             lambda r: (r["project_id"], r["host"])),
+    Field("id", "uuid", memo=False),
+    Producer(("image", "image_v98"), _images, lambda r: (
+        None if not (i := r["image"]) else (i["id"], _items(i["properties"])))),
+    Producer(("links",), lambda r: (_links_json("servers", r["uuid"]),)),
+    Producer(("metadata",), lambda r: (_dumps(r["metadata"]),),
+             lambda r: tuple(r["metadata"].items())),  # a map of strings
+    Field("name", "name", memo=False),
+    Field("status", "status"),
+    Field("tenant_id", "project_id", _text_or_empty),
+    Field("user_id", "user_id", _text_or_empty),
+    Field("updated", "updated_at", _time_json, memo=False),
+    Field("diskConfig", "disk_config"),
+    Producer(("fault_admin", "fault_user"), _faults, lambda r: (
+        None if not r["fault"] or not _faulty(r["status"]) else _NO_MEMO)),
+    Producer(("progress",), lambda r: (_dumps(r["progress"]) if _progress(r["status"]) else None,),
+             lambda r: (r["status"], r["progress"])),
+    Field("availability_zone", "availability_zone", _text_or_empty),
+    Field("config_drive", "config_drive"),
+    Field("key_name", "key_name"),
+    Field("launched_at", "launched_at", _naive_json, memo=False),
+    Field("terminated_at", "terminated_at", _naive_json),  # mostly null
     # Nova adds the key only when the server has groups (_add_security_grps).
-    "security_groups": lambda r: (_dumps([{"name": g} for g in r["security_groups"]])
-                                  if r["security_groups"] else None),
-    "host": _j("host"),
-    "instance_name": _j("instance_name"),
-    "hypervisor_hostname": _j("node"),
-    "hostname": _j("hostname"),
-    "kernel_id": _j("kernel_id"),
-    "launch_index": _j("launch_index"),
-    "ramdisk_id": _j("ramdisk_id"),
-    "reservation_id": _j("reservation_id"),
-    "root_device_name": _j("root_device_name"),
-    "srv_user_data": _j("user_data"),
-    "task_state": _j("task_state"),
-    "vm_state": _j("vm_state"),
-    "power_state": _j("power_state"),
-    "volumes_attached": lambda r: _volumes(r, False),
-    "volumes_attached_v3": lambda r: _volumes(r, True),
-    "locked": lambda r: _dumps(bool(r["locked"])),
+    Producer(("security_groups",), lambda r: (
+        _dumps([{"name": g} for g in r["security_groups"]]) if r["security_groups"] else None,),
+        lambda r: tuple(r["security_groups"])),
+    Field("host", "host"),
+    Field("instance_name", "instance_name", memo=False),
+    Field("hypervisor_hostname", "node"),
+    Field("hostname", "hostname", memo=False),
+    Field("kernel_id", "kernel_id"),
+    Field("launch_index", "launch_index"),
+    Field("ramdisk_id", "ramdisk_id"),
+    Field("reservation_id", "reservation_id", memo=False),
+    Field("root_device_name", "root_device_name"),
+    Field("srv_user_data", "user_data", memo=False),
+    Field("task_state", "task_state"),
+    Field("vm_state", "vm_state"),
+    Field("power_state", "power_state"),
+    Producer(("volumes_attached", "volumes_attached_v3"), _volumes),
+    Field("locked", "locked", _bool),
     # Nova's get_instance_host_status gives '' for a server without a host, never null.
-    "host_status": lambda r: _dumps(r["host_status"] or ""),
-    "description": _j("description"),
-    "tags": _j("tags"),
-    "trusted_image_certificates": _j("trusted_image_certificates"),
-    "server_groups": _j("server_groups"),
-    "locked_reason": _j("locked_reason"),
-    "pinned_availability_zone": _j("pinned_availability_zone"),
-    "scheduler_hints": _j("scheduler_hints"),
-    "user_data": _j("user_data"),
-}
+    Field("host_status", "host_status", _text_or_empty),
+    Field("description", "description", memo=False),
+    Producer(("tags",), lambda r: (_dumps(r["tags"]),), lambda r: tuple(r["tags"])),
+    Producer(("trusted_image_certificates",), lambda r: (_dumps(r["trusted_image_certificates"]),),
+             lambda r: None if (c := r["trusted_image_certificates"]) is None else tuple(c)),
+    Producer(("server_groups",), lambda r: (_dumps(r["server_groups"]),),
+             lambda r: tuple(r["server_groups"])),
+    Field("locked_reason", "locked_reason"),
+    Field("pinned_availability_zone", "pinned_availability_zone"),
+    Producer(("scheduler_hints",), _hints),
+    Field("user_data", "user_data", memo=False),
+)
 
 KEY_OF: dict[str, str] = {}
 for _r in ROWS:
     if KEY_OF.setdefault(_r.fragment, _r.key) != _r.key:
         raise AssertionError(f"fragment {_r.fragment} has two keys")
 del _r
-if set(RENDER) != set(FRAGMENTS):
-    raise AssertionError(f"renderers and fragments differ: {set(RENDER) ^ set(FRAGMENTS)}")
+if tuple(n for r in RENDERERS
+         for n in (r.fragments if isinstance(r, Producer) else (r.fragment,))) != FRAGMENTS:
+    raise AssertionError("RENDERERS must render FRAGMENTS, in fragment-index order")
+
+
+def _prefix(fragment: str) -> str:
+    return f"{_dumps(KEY_OF[fragment])}: "
+
+
+def _fragment(prefix: str, value: str | None) -> bytes:
+    return b"" if value is None else (prefix + value).encode("ascii")
+
+
+# The compiled plan of render_fragments (PERF: flat loops over tuples, no call per
+# fragment on a memo hit):
+# memoized fields: (index, field, memo, prefix, value); unique fields: (index, field, prefix,
+# value); producers: (indexes, prefixes, render, memo key, memo).
+_FieldMemo = tuple[int, str, dict[Any, bytes], str, Callable[[Any], str | None]]
+_FieldPlain = tuple[int, str, str, Callable[[Any], str | None]]
+_Produce = tuple[tuple[int, ...], tuple[str, ...], Renderer, MemoKey | None,
+                 dict[Any, tuple[bytes, ...]]]
+_FIELDS_MEMO: tuple[_FieldMemo, ...] = tuple(
+    (FRAGMENT_INDEX[r.fragment], r.field, {}, _prefix(r.fragment), r.value)
+    for r in RENDERERS if isinstance(r, Field) and r.memo)
+_FIELDS_PLAIN: tuple[_FieldPlain, ...] = tuple(
+    (FRAGMENT_INDEX[r.fragment], r.field, _prefix(r.fragment), r.value)
+    for r in RENDERERS if isinstance(r, Field) and not r.memo)
+_PRODUCERS: tuple[_Produce, ...] = tuple(
+    (tuple(FRAGMENT_INDEX[n] for n in r.fragments), tuple(_prefix(n) for n in r.fragments),
+     r.render, r.memo, {})
+    for r in RENDERERS if isinstance(r, Producer))
+
+
+def clear_memos() -> None:
+    """Forget every memoized fragment (tests; a memo only ever holds correct bytes)."""
+    for m in _FIELDS_MEMO:
+        m[2].clear()
+    for p in _PRODUCERS:
+        p[4].clear()
+    _DAYS.clear()
 
 
 def render_fragments(rec: dict[str, Any]) -> list[bytes]:
     """Every fragment of ``rec``, in fragment-index order (b'' for an absent key)."""
-    out: list[bytes] = []
-    for name in FRAGMENTS:
-        value = RENDER[name](rec)
-        out.append(b"" if value is None else f"{_dumps(KEY_OF[name])}: {value}".encode("ascii"))
+    out = [b""] * N_FRAGMENTS
+    for i, field, memo, prefix, value in _FIELDS_MEMO:
+        v = rec[field]
+        b = memo.get(v)
+        if b is None:
+            b = _fragment(prefix, value(v))
+            if len(memo) >= _MEMO_MAX:
+                memo.clear()
+            memo[v] = b
+        out[i] = b
+    for i, field, prefix, value in _FIELDS_PLAIN:
+        v = rec[field]
+        out[i] = _fragment(prefix, value(v))
+    for idx, prefixes, render, key_of, pmemo in _PRODUCERS:
+        got = None
+        if key_of is not None:
+            key = key_of(rec)
+            try:
+                got = pmemo.get(key)
+            except TypeError:  # unhashable inputs (a fault): rendered, not kept
+                key_of = None
+        if got is None:
+            got = tuple(map(_fragment, prefixes, render(rec)))
+            if key_of is not None:
+                if len(pmemo) >= _MEMO_MAX:
+                    pmemo.clear()
+                pmemo[key] = got
+        for i, b in zip(idx, got, strict=True):
+            out[i] = b
     return out
