@@ -304,6 +304,54 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0.001, maximum=10,
     ),
     Setting(
+        "cell.feed_min_age", float, 3600.0,
+        "Seconds a cell keeps every change-feed entry, even ones all its consumers applied.",
+        minimum=0, maximum=86400.0 * 365,
+    ),
+    Setting(
+        "cell.feed_keep", int, 10000,
+        "Newest change-feed entries a cell always keeps, whatever its consumers applied.",
+        minimum=0, maximum=1 << 40,
+    ),
+    Setting(
+        "cell.consumer_timeout", float, 86400.0,
+        "Seconds after which a silent feed consumer (an API host's cellsync) no longer holds "
+        "the cell's feed pruning back; if it returns it finds a gap and resyncs.",
+        minimum=60, maximum=86400.0 * 3650,
+    ),
+    Setting(
+        "cell.done_commands_kept", int, 50,
+        "Newest executed command ids a server's record lists in done_commands (the API drops "
+        "a command's pending values when it is listed).",
+        minimum=1, maximum=100000,
+    ),
+    Setting(
+        "cell.maintenance_interval", float, 10.0,
+        "Seconds between a cell's housekeeping runs (feed pruning).",
+        minimum=0.1, maximum=86400,
+    ),
+    Setting(
+        "cellsync.batch", int, 500,
+        "Most change-feed entries cellsync applies in one store write transaction.",
+        minimum=1, maximum=100000,
+    ),
+    Setting(
+        "cellsync.txn_budget_ms", float, 20.0,
+        "Target time of one cellsync write transaction, in ms: batches shrink when a "
+        "transaction takes longer, since API commands wait for the same single LMDB writer.",
+        minimum=1, maximum=10000,
+    ),
+    Setting(
+        "cellsync.ack_interval", float, 1.0,
+        "Seconds between cellsync's reports of its cursor to each cell (feed pruning).",
+        minimum=0.01, maximum=3600,
+    ),
+    Setting(
+        "cellsync.consumer", str, "",
+        "Name this cellsync reports to the cells as a feed consumer; empty: the host name "
+        "and the store path.",
+    ),
+    Setting(
         "standalone.cells", str, "cell1,cell2",
         "Local cells that `fastpath serve` runs under its master (comma-separated names; "
         "empty: none).",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -219,3 +220,105 @@ def test_a_second_connection_sees_committed_changes_only(tmp_path: Path) -> None
     finally:
         writer.close()
         reader.close()
+
+
+# -- feed state, consumers and pruning, epochs, hosts, done_commands (issue 6) ------------------
+def uid(i: int) -> str:
+    return f"00000000-0000-4000-8000-{i:012d}"
+
+
+def test_read_feed_is_entries_and_state_in_one_snapshot(db: SqliteCellDB) -> None:
+    empty = db.read_feed(0, 10)
+    assert (empty.entries, empty.min_seq, empty.max_seq, empty.epoch, empty.hosts_version) == (
+        [], 1, 0, 0, 0)
+    for i in range(3):
+        db.create_instance(instance_values(uid(i)))
+    f = db.read_feed(1, 1)
+    assert [(e.seq, e.uuid, e.version, e.kind) for e in f.entries] == [(2, uid(1), 1, "upsert")]
+    assert f.entries[0].at > 0 and (f.min_seq, f.max_seq) == (1, 3)
+    db.prune_changes(3)
+    assert (db.read_feed(0, 10).min_seq, db.read_feed(0, 10).max_seq) == (4, 3)
+
+
+def test_hosts_version_moves_with_every_host_change(db: SqliteCellDB) -> None:
+    db.upsert_host("h1", "h1.example", 16, 65536, 1000, "az1")
+    v1 = db.read_feed(0, 1).hosts_version
+    assert v1 >= 1
+    db.set_host_usage("h1", 2, 4096, 40)
+    v2 = db.read_feed(0, 1).hosts_version
+    assert v2 > v1
+    db.create_instance(instance_values())  # a server change is not a host change
+    assert db.read_feed(0, 1).hosts_version == v2
+    assert db.hosts() == {"h1": {
+        "node": "h1.example", "availability_zone": "az1", "vcpus": 16, "ram_mb": 65536,
+        "disk_gb": 1000, "vcpus_used": 2, "ram_mb_used": 4096, "disk_gb_used": 40,
+        "status": "UP", "updated_at": db.hosts()["h1"]["updated_at"]}}
+
+
+def test_prune_acked_waits_for_every_live_consumer(db: SqliteCellDB) -> None:
+    from fastpath.cell.db import Retention
+
+    for i in range(10):
+        db.create_instance(instance_values(uid(i)))
+    now = db.read_feed(0, 100).entries[-1].at + 10
+    loose = Retention(feed_min_age=0, feed_keep=0, consumer_timeout=60)
+    assert db.prune_acked(now, loose) == 0  # no consumer ever recorded: keep everything
+    db.ack("api-a", 4, at=now)
+    db.ack("api-b", 7, at=now)
+    assert db.consumers() == {"api-a": (4, now), "api-b": (7, now)}
+    assert db.prune_acked(now, loose) == 4 and db.min_seq() == 5  # the slowest consumer
+    db.ack("api-a", 9, at=now)
+    # The 6 newest are kept (5..10), then the 5 newest: seq 5 goes (b acked 7).
+    assert db.prune_acked(now, Retention(feed_min_age=0, feed_keep=6, consumer_timeout=60)) == 0
+    assert db.prune_acked(now, Retention(feed_min_age=0, feed_keep=5, consumer_timeout=60)) == 1
+    # A consumer silent past the timeout holds nothing back; it will find a gap and resync.
+    later = now + 120 * 10**6
+    db.ack("api-a", 10, at=later)
+    assert db.prune_acked(later, loose) == 5 and db.min_seq() == 11
+    # Entries younger than feed_min_age stay, whatever the cursors say.
+    db.update_instance(uid(0), name="x")
+    assert db.prune_acked(later, Retention(feed_min_age=3600, feed_keep=0)) == 0
+
+
+def test_maintenance_runs_at_its_interval_and_records_done_commands_kept(
+        db: SqliteCellDB) -> None:
+    from fastpath.cell.db import Retention
+
+    db.create_instance(instance_values())
+    for n in range(5):
+        db.accept_command(f"cmd-{n}", {"action": "reboot"}, U1)
+        db.finish_command(f"cmd-{n}")
+    rows = db.load_instance(U1)
+    assert rows is not None and rows["done_commands"] == [f"cmd-{n}" for n in range(5)]
+    db.ack("api", db.max_seq())
+    r = Retention(feed_min_age=0, feed_keep=0, done_commands_kept=2, interval=10)
+    t = time.time() + 5  # maintenance takes time.time(), seconds
+    db.update_instance(U1, name="y")
+    assert db.maintenance(t, r) == 6  # all but the entry after the ack
+    rows = db.load_instance(U1)
+    assert rows is not None and rows["done_commands"] == ["cmd-3", "cmd-4"]  # the last two
+    db.ack("api", db.max_seq())
+    assert db.maintenance(t + 1, r) == 0  # too soon
+    assert db.maintenance(t + 11, r) == 1
+
+
+def test_start_epoch_lifts_every_version_and_writes_the_feed(db: SqliteCellDB) -> None:
+    from fastpath.cell.db import EPOCH_SHIFT
+
+    db.create_instance(instance_values(U1))
+    db.create_instance(instance_values(U2))
+    db.delete_instance(U2)
+    top = db.max_seq()
+    assert db.epoch() == 0
+    assert db.start_epoch() == 1 and db.epoch() == 1
+    base = 1 << EPOCH_SHIFT
+    assert db.all_instance_versions() == [(U1, base | 1, "upsert"), (U2, base | 1, "delete")]
+    assert [(u, v, k) for _, u, v, k in db.changes_after(top, 10)] == [
+        (U1, base | 1, "upsert"), (U2, base | 1, "delete")]
+    db.update_instance(U1, name="after")
+    assert db.all_instance_versions()[0][1] == base | 2
+    u3 = uid(3)
+    db.create_instance(instance_values(u3))  # a new server starts in the epoch too
+    assert dict((u, v) for u, v, _ in db.all_instance_versions())[u3] == base | 1
+    assert db.start_epoch(at_least=7) == 7 and db.read_feed(0, 1).epoch == 7
+    assert db.start_epoch() == 8

@@ -74,7 +74,8 @@ import json
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from fastpath.store.record import now_us
 
@@ -263,9 +264,70 @@ CREATE TABLE IF NOT EXISTS changes (
     kind TEXT NOT NULL CHECK (kind IN ('upsert', 'delete')),
     at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS consumers (
+    name TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
 """
 
+# Every change to ``hosts`` raises the ``hosts_version`` counter in ``meta``, whichever code
+# path made it: cellsync reads the hosts only when that counter moved.
+_BUMP_HOSTS = ("INSERT INTO meta (key, value) VALUES ('hosts_version', '1') ON CONFLICT (key)"
+               " DO UPDATE SET value = CAST(value AS INTEGER) + 1")
+TRIGGERS: tuple[str, ...] = tuple(
+    f"CREATE TRIGGER IF NOT EXISTS hosts_{op.lower()} AFTER {op} ON hosts"
+    f" BEGIN {_BUMP_HOSTS}; END"
+    for op in ("INSERT", "UPDATE", "DELETE")
+)
+
+# Versions carry the cell's epoch in their high bits: version = epoch << EPOCH_SHIFT | counter
+# (see :meth:`SqliteCellDB.start_epoch`).  2**40 steps per server per epoch never run out.
+EPOCH_SHIFT = 40
+DONE_COMMANDS_KEPT = 50  # default of the setting cell.done_commands_kept
+
 Change = tuple[int, str, int, str]  # (seq, uuid, version, kind)
+
+
+class FeedEntry(NamedTuple):
+    seq: int
+    uuid: str
+    version: int
+    kind: str  # 'upsert' | 'delete'
+    at: int  # commit time, microseconds
+
+
+class Feed(NamedTuple):
+    """What one :meth:`CellDB.read_feed` saw, in one snapshot."""
+
+    entries: list[FeedEntry]
+    min_seq: int
+    max_seq: int
+    epoch: int
+    hosts_version: int
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How a cell keeps its change feed and its servers' ``done_commands`` (the ``cell.*``
+    settings; :meth:`from_settings`).  Times in seconds."""
+
+    feed_min_age: float = 3600.0  # never prune entries younger than this
+    feed_keep: int = 10_000  # always keep this many newest entries
+    consumer_timeout: float = 86400.0  # a consumer silent this long holds nothing back
+    done_commands_kept: int = DONE_COMMANDS_KEPT
+    interval: float = 10.0  # maintenance runs at most this often
+    chunk: int = 10_000  # entries deleted per SQL transaction
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> Retention:
+        return cls(
+            feed_min_age=float(settings["cell.feed_min_age"]),
+            feed_keep=int(settings["cell.feed_keep"]),
+            consumer_timeout=float(settings["cell.consumer_timeout"]),
+            done_commands_kept=int(settings["cell.done_commands_kept"]),
+            interval=float(settings["cell.maintenance_interval"]),
+        )
 
 
 class CellDBError(Exception):
@@ -329,6 +391,27 @@ class CellDB(abc.ABC):
     def prune_changes(self, upto_seq: int) -> int: ...
 
     @abc.abstractmethod
+    def read_feed(self, after: int, limit: int) -> Feed: ...
+
+    @abc.abstractmethod
+    def hosts(self) -> dict[str, dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def ack(self, consumer: str, seq: int, at: int | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def prune_acked(self, now: int, retention: Retention) -> int: ...
+
+    @abc.abstractmethod
+    def maintenance(self, now: float, retention: Retention | None = None) -> int: ...
+
+    @abc.abstractmethod
+    def epoch(self) -> int: ...
+
+    @abc.abstractmethod
+    def start_epoch(self, at_least: int = 0) -> int: ...
+
+    @abc.abstractmethod
     def load_instance(self, uuid: str) -> dict[str, Any] | None: ...
 
     @abc.abstractmethod
@@ -387,6 +470,7 @@ class SqliteCellDB(CellDB):
         self._conn.execute("PRAGMA foreign_keys = ON")
         self._depth = 0
         self._dirty: dict[str, bool] = {}  # uuid -> updated_at set explicitly
+        self._next_maintenance = 0.0
         self._create_schema()
 
     # -- connection and transactions --------------------------------------------------------
@@ -397,6 +481,8 @@ class SqliteCellDB(CellDB):
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():
                     cur.execute(stmt)
+            for stmt in TRIGGERS:
+                cur.execute(stmt)
             row = cur.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if row is None:
                 cur.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -502,6 +588,8 @@ class SqliteCellDB(CellDB):
             cols["locked"] = int(bool(cols["locked"]))
         uuid = cols["uuid"]
         with self.transaction():
+            # A new server starts at the cell's epoch (its first version: base + 1).
+            cols["version"] = self._meta_int(self._conn, "epoch") << EPOCH_SHIFT
             try:
                 self._conn.execute(
                     f"INSERT INTO instances ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
@@ -791,6 +879,142 @@ class SqliteCellDB(CellDB):
             cur = self._conn.execute("DELETE FROM changes WHERE seq <= ?", (upto_seq,))
             return cur.rowcount
 
+    @staticmethod
+    def _meta_int(c: sqlite3.Connection, key: str, default: int = 0) -> int:
+        row = c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else int(row[0])
+
+    def _done_commands(self, c: sqlite3.Connection, uuid: str) -> list[str]:
+        """The last ``done_commands_kept`` commands finished for a server, oldest first.
+
+        The inbox keeps every command (idempotent delivery needs the ids); the record lists
+        only recent ones: the store drops a pending entry when its command is listed, and a
+        command older than the last N was echoed long ago.
+        """
+        keep = self._meta_int(c, "done_commands_kept", DONE_COMMANDS_KEPT)
+        rows = c.execute(
+            "SELECT command_id FROM inbox WHERE instance_uuid = ? AND state != 'new'"
+            " ORDER BY finished_at DESC, command_id DESC LIMIT ?", (uuid, keep)).fetchall()
+        return [cid for (cid,) in reversed(rows)]
+
+    def read_feed(self, after: int, limit: int) -> Feed:
+        """Entries after ``after`` (at most ``limit``) and the feed's state, in one snapshot.
+
+        cellsync's one SQLite read per round: the bounds tell a gap or a regression apart,
+        ``epoch`` a restored cell, ``hosts_version`` whether host capacity moved.
+        """
+        with self._snapshot() as c:
+            rows = c.execute("SELECT seq, uuid, version, kind, at FROM changes WHERE seq > ?"
+                             " ORDER BY seq LIMIT ?", (after, limit)).fetchall()
+            row = c.execute("SELECT MIN(seq), (SELECT seq FROM sqlite_sequence"
+                            " WHERE name = 'changes') FROM changes").fetchone()
+            meta = dict(c.execute("SELECT key, value FROM meta"
+                                  " WHERE key IN ('epoch', 'hosts_version')").fetchall())
+        top = 0 if row[1] is None else int(row[1])
+        low = top + 1 if row[0] is None else int(row[0])
+        return Feed([FeedEntry(int(s), u, int(v), k, int(a)) for s, u, v, k, a in rows],
+                    low, top, int(meta.get("epoch", 0)), int(meta.get("hosts_version", 0)))
+
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        """Every compute host by name: capacity, usage, status, node and zone."""
+        with self._snapshot() as c:
+            rows = c.execute(f"SELECT {', '.join(HOST_COLUMNS)} FROM hosts ORDER BY name").fetchall()
+        return {r[0]: dict(zip(HOST_COLUMNS[1:], r[1:], strict=True)) for r in rows}
+
+    # -- consumers and feed pruning -------------------------------------------------------
+    def ack(self, consumer: str, seq: int, at: int | None = None) -> None:
+        """Record that ``consumer`` (one API host's cellsync) has applied the feed up to ``seq``.
+
+        Written after the consumer's store commit, so it may lag (pruning then waits a
+        little longer); it is set exactly, so a consumer that resynced lower moves back.
+        """
+        with self.transaction():
+            self._conn.execute(
+                "INSERT INTO consumers (name, seq, updated_at) VALUES (?, ?, ?) ON CONFLICT"
+                " (name) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at",
+                (consumer, seq, now_us() if at is None else at))
+
+    def consumers(self) -> dict[str, tuple[int, int]]:
+        """consumer -> (acked seq, last seen in microseconds)."""
+        with self._snapshot() as c:
+            return {n: (int(s), int(t)) for n, s, t in c.execute(
+                "SELECT name, seq, updated_at FROM consumers ORDER BY name")}
+
+    def prune_acked(self, now: int, retention: Retention) -> int:
+        """Delete feed entries every live consumer has applied, beyond the retention.
+
+        An entry goes when (1) its seq is at or below the lowest cursor of the consumers
+        seen within ``consumer_timeout`` (a consumer silent longer holds nothing back: when
+        it returns its cursor is below the feed's start, a gap, and it resyncs -- never a
+        silent loss), (2) it is older than ``feed_min_age`` and (3) it is not among the
+        ``feed_keep`` newest.  With no consumer ever recorded nothing is pruned.  At most
+        ``chunk`` entries per call, in one short transaction.  Returns how many went.
+        """
+        with self.transaction():
+            c = self._conn
+            if c.execute("SELECT 1 FROM consumers LIMIT 1").fetchone() is None:
+                return 0
+            top = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+            if top is None:
+                return 0
+            live = c.execute("SELECT MIN(seq) FROM consumers WHERE updated_at >= ?",
+                             (now - int(retention.consumer_timeout * 1e6),)).fetchone()[0]
+            bound = min(int(top[0]) - retention.feed_keep,
+                        int(top[0]) if live is None else int(live))
+            cur = c.execute(
+                "DELETE FROM changes WHERE seq IN (SELECT seq FROM changes WHERE seq <= ?"
+                " AND at < ? ORDER BY seq LIMIT ?)",
+                (bound, now - int(retention.feed_min_age * 1e6), retention.chunk))
+            return cur.rowcount
+
+    def maintenance(self, now: float, retention: Retention | None = None) -> int:
+        """The cell's housekeeping, for its service loop: call it every iteration.
+
+        Runs at most every ``retention.interval`` seconds (``now``: time.time()): records
+        ``done_commands_kept`` and prunes the feed (:meth:`prune_acked`).  Returns the feed
+        entries pruned.
+        """
+        if now < self._next_maintenance:
+            return 0
+        r = retention or Retention()
+        self._next_maintenance = now + r.interval
+        with self._snapshot() as c:
+            kept = self._meta_int(c, "done_commands_kept", DONE_COMMANDS_KEPT)
+        if kept != r.done_commands_kept:
+            with self.transaction():
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('done_commands_kept', ?)",
+                    (str(r.done_commands_kept),))
+        return self.prune_acked(int(now * 1e6), r)
+
+    # -- epochs ---------------------------------------------------------------------------
+    def epoch(self) -> int:
+        with self._snapshot() as c:
+            return self._meta_int(c, "epoch")
+
+    def start_epoch(self, at_least: int = 0) -> int:
+        """Begin a new epoch: every server's version jumps above its previous epochs.
+
+        A cell restored from a backup has lost the versions it produced after the backup,
+        which the API stores still hold: its own would lose to them.  In one transaction the
+        epoch becomes ``max(epoch + 1, highest version's epoch + 1, at_least)`` (cellsync
+        passes one above every version its store saw from this cell), every server's version
+        becomes ``epoch << EPOCH_SHIFT | 1`` (new servers start there too) and every server
+        gets a feed entry: each consumer's resync then replaces whatever it held.  Times
+        (``updated_at``) stay: nothing about the servers changed.  Returns the new epoch.
+        """
+        with self.transaction():
+            c = self._conn
+            top = c.execute("SELECT MAX(version) FROM instances").fetchone()[0] or 0
+            epoch = max(self._meta_int(c, "epoch") + 1, (int(top) >> EPOCH_SHIFT) + 1, at_least)
+            c.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (str(epoch),))
+            c.execute("UPDATE instances SET version = ?", ((epoch << EPOCH_SHIFT) | 1,))
+            c.execute(
+                "INSERT INTO changes (uuid, version, kind, at) SELECT uuid, version, CASE WHEN"
+                " deleted_at IS NULL THEN 'upsert' ELSE 'delete' END, ? FROM instances"
+                " ORDER BY uuid", (now_us(),))
+        return epoch
+
     def load_instance(self, uuid: str) -> dict[str, Any] | None:
         """All normalized rows of one server, read in one snapshot; None if unknown.
 
@@ -848,9 +1072,7 @@ class SqliteCellDB(CellDB):
                 hrow = c.execute(f"SELECT {', '.join(HOST_COLUMNS)} FROM hosts WHERE name = ?",
                                  (inst["host"],)).fetchone()
                 host = None if hrow is None else dict(zip(HOST_COLUMNS, hrow, strict=True))
-            done = [cid for (cid,) in c.execute(
-                "SELECT command_id FROM inbox WHERE instance_uuid = ? AND state != 'new'"
-                " ORDER BY finished_at, command_id", (uuid,))]
+            done = self._done_commands(c, uuid)
             actions = _load_actions(c, uuid)
         return {"instance": inst, "flavor": flavor, "extra": extra, "metadata": metadata,
                 "tags": tags, "security_groups": groups, "vifs": vifs, "ips": ips,
@@ -886,3 +1108,93 @@ class SqliteCellDB(CellDB):
                     n += 1
                     at += 1
             return n
+
+    # -- resizes and the compute driver's claims (the cell service, issue 7) ---------------
+    # Cell-local like actions and faults (never synced, no version step): Nova's
+    # ``migrations`` table, reduced to what a simulated resize needs to be confirmed,
+    # reverted, or taken back after a restart.
+    _MIGRATIONS_SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS migrations (instance_uuid TEXT NOT NULL, request_id TEXT"
+        " NOT NULL, source_host TEXT, dest_host TEXT, dest_node TEXT, old_flavor TEXT NOT NULL,"
+        " new_flavor TEXT NOT NULL, status TEXT NOT NULL, created_at INTEGER NOT NULL,"
+        " updated_at INTEGER NOT NULL, PRIMARY KEY (instance_uuid, request_id))"
+    )
+    MIGRATION_DONE = ("confirmed", "reverted", "error")
+
+    def _migrations(self) -> sqlite3.Connection:
+        if not getattr(self, "_migrations_ready", False):
+            with self.transaction():
+                self._conn.execute(self._MIGRATIONS_SCHEMA)
+            self._migrations_ready = True
+        return self._conn
+
+    def start_migration(self, uuid: str, request_id: str, source_host: str | None,
+                        dest_host: str, dest_node: str, old_flavor: Mapping[str, Any],
+                        new_flavor: Mapping[str, Any], at: int | None = None) -> None:
+        """Record a resize (status ``pre-migrating``); idempotent per (uuid, request_id)."""
+        c = self._migrations()
+        ts = now_us() if at is None else at
+        with self.transaction():
+            c.execute("INSERT OR IGNORE INTO migrations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (uuid, request_id, source_host, dest_host, dest_node, _dumps(old_flavor),
+                       _dumps(new_flavor), "pre-migrating", ts, ts))
+
+    def set_migration_status(self, uuid: str, request_id: str, status: str,
+                             at: int | None = None) -> None:
+        c = self._migrations()
+        with self.transaction():
+            c.execute("UPDATE migrations SET status = ?, updated_at = ? WHERE instance_uuid = ?"
+                      " AND request_id = ?",
+                      (status, now_us() if at is None else at, uuid, request_id))
+
+    def active_migration(self, uuid: str) -> dict[str, Any] | None:
+        """The server's unfinished resize (newest), or None: source_host, dest_host,
+        dest_node, old_flavor, new_flavor (record keys), status, request_id."""
+        c = self._migrations()
+        with self._snapshot():
+            row = c.execute(
+                "SELECT request_id, source_host, dest_host, dest_node, old_flavor, new_flavor,"
+                " status FROM migrations WHERE instance_uuid = ? AND status NOT IN (?, ?, ?)"
+                " ORDER BY created_at DESC LIMIT 1", (uuid, *self.MIGRATION_DONE)).fetchone()
+        if row is None:
+            return None
+        rid, src, dst, node, old, new, status = row
+        return {"request_id": rid, "source_host": src, "dest_host": dst, "dest_node": node,
+                "old_flavor": json.loads(old), "new_flavor": json.loads(new), "status": status}
+
+    def live_claims(self) -> list[dict[str, Any]]:
+        """What every live server holds, for the driver after a restart: ``uuid``, ``host``,
+        ``flavor`` (record keys vcpus, ram, disk, ephemeral, swap), ``ip`` and ``mac`` (its
+        first fixed IPv4 and VIF, or None), ``power_state``, ``migration`` (unfinished
+        resize or None), one snapshot."""
+        c = self._migrations()
+        out: list[dict[str, Any]] = []
+        with self._snapshot():
+            rows = c.execute(
+                "SELECT i.uuid, i.host, i.power_state, f.vcpus, f.memory_mb, f.root_gb,"
+                " f.ephemeral_gb, f.swap FROM instances i JOIN instance_flavor f"
+                " ON f.instance_uuid = i.uuid WHERE i.deleted_at IS NULL AND i.host IS NOT NULL"
+                " ORDER BY i.uuid").fetchall()
+            ips = dict(c.execute(
+                "SELECT instance_uuid, address FROM ip_addresses WHERE version = 4 AND"
+                " type = 'fixed' ORDER BY instance_uuid, position DESC").fetchall())
+            macs = dict(c.execute(
+                "SELECT instance_uuid, address FROM virtual_interfaces"
+                " ORDER BY instance_uuid, position DESC").fetchall())
+            migs = {r[0]: r for r in c.execute(
+                "SELECT instance_uuid, request_id, source_host, dest_host, dest_node,"
+                " old_flavor, new_flavor, status FROM migrations WHERE status NOT IN (?, ?, ?)"
+                " ORDER BY created_at", self.MIGRATION_DONE)}
+            for uuid, host, power, vcpus, ram, disk, eph, swap in rows:
+                m = migs.get(uuid)
+                out.append({
+                    "uuid": uuid, "host": host, "power_state": int(power),
+                    "flavor": {"vcpus": vcpus, "ram": ram, "disk": disk, "ephemeral": eph,
+                               "swap": swap},
+                    "ip": ips.get(uuid), "mac": macs.get(uuid),
+                    "migration": None if m is None else {
+                        "request_id": m[1], "source_host": m[2], "dest_host": m[3],
+                        "dest_node": m[4], "old_flavor": json.loads(m[5]),
+                        "new_flavor": json.loads(m[6]), "status": m[7]},
+                })
+        return out
