@@ -234,6 +234,12 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=2, maximum=3600,
     ),
     Setting(
+        "master.sidecar_timeout", float, 300.0,
+        "A sidecar (cell, cellsync, forwarder) whose heartbeat is older than this many "
+        "seconds is killed and restarted (generous: a resync beats only between batches).",
+        minimum=2, maximum=86400,
+    ),
+    Setting(
         "master.respawn_backoff_max", float, 10.0,
         "Longest wait before respawning a worker that keeps dying, in seconds.",
         minimum=0.1, maximum=600,
@@ -298,12 +304,6 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0, maximum=1,
     ),
     Setting(
-        "cell.poll_interval", float, 1.0,
-        "Seconds an idle cell service waits before looking at its inbox again if its bell "
-        "(rung by the forwarder on delivery) stays silent.",
-        minimum=0.001, maximum=10,
-    ),
-    Setting(
         "cell.feed_min_age", float, 3600.0,
         "Seconds a cell keeps every change-feed entry, even ones all its consumers applied.",
         minimum=0, maximum=86400.0 * 365,
@@ -350,6 +350,12 @@ SETTINGS: tuple[Setting, ...] = (
         "cellsync.consumer", str, "",
         "Name this cellsync reports to the cells as a feed consumer; empty: the host name "
         "and the store path.",
+    ),
+    Setting(
+        "cell.poll_interval", float, 1.0,
+        "Seconds an idle cell service waits before looking at its inbox again if its bell "
+        "(rung by the forwarder on delivery) stays silent.",
+        minimum=0.001, maximum=10,
     ),
     Setting(
         "standalone.cells", str, "cell1,cell2",

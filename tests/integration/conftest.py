@@ -27,6 +27,8 @@ from fastpath.master import status as status_mod
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
+NO_SIDECARS = ("--set", "standalone.cells=", "--set", "standalone.cellsync=false",
+               "--set", "standalone.forwarder=false")
 
 
 def free_port() -> int:
@@ -98,6 +100,8 @@ class FastpathServer:
     workers: int | None  # None: no --workers flag (the config file or the default decides)
     args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # False: no local cells, cellsync or forwarder under the master (faster to start).
+    sidecars: bool = True
     proc: subprocess.Popen[bytes] | None = None
     seen_pids: set[int] = field(default_factory=set)
     _out: Path | None = None
@@ -118,6 +122,7 @@ class FastpathServer:
             "--bind", f"127.0.0.1:{self.port}",
             "--data-dir", str(self.data_dir),
             *(["--workers", str(self.workers)] if self.workers is not None else []),
+            *([] if self.sidecars else NO_SIDECARS),
             *self.args,
         ]
 
@@ -178,13 +183,17 @@ class FastpathServer:
     def worker_pids(self) -> set[int]:
         return {r["pid"] for r in self.status() if r["role"] == "worker"}
 
+    def child_pids(self) -> set[int]:
+        """Every child of the master: workers and sidecars."""
+        return {r["pid"] for r in self.status() if r["role"] != "master"}
+
     def stop(self) -> None:
         """Stop everything this server started, by PID; safe to call twice."""
         if self.proc is None:
             return
         pids = set(self.seen_pids)
         try:
-            pids |= self.worker_pids()
+            pids |= self.child_pids()
         except Exception:  # noqa: BLE001 - teardown must go on
             pass
         if self.proc.poll() is None:
@@ -266,7 +275,8 @@ def free_port_fixture() -> Callable[[], int]:
 
 @pytest.fixture
 def fastpath_server(tmp_path: Path) -> Iterator[Callable[..., FastpathServer]]:
-    """A factory: ``fastpath_server(workers=2, args=[...], env={...}, wait=True)``."""
+    """A factory: ``fastpath_server(workers=2, args=[...], env={...}, wait=True,
+    sidecars=True)``."""
     started: list[FastpathServer] = []
 
     def start(
@@ -275,6 +285,7 @@ def fastpath_server(tmp_path: Path) -> Iterator[Callable[..., FastpathServer]]:
         env: dict[str, str] | None = None,
         wait: bool = True,
         data_dir: Path | None = None,
+        sidecars: bool = True,
     ) -> FastpathServer:
         server = FastpathServer(
             data_dir=data_dir or tmp_path / f"data{len(started)}",
@@ -282,6 +293,7 @@ def fastpath_server(tmp_path: Path) -> Iterator[Callable[..., FastpathServer]]:
             workers=workers,
             args=args,
             env=env or {},
+            sidecars=sidecars,
         )
         started.append(server)
         return server.start(wait=wait)

@@ -55,6 +55,9 @@ def test_serves_version_documents_and_says_where(fastpath_server: Factory) -> No
     assert f"listening on {server.url} (2 workers, master pid {server.pid})" in out
     assert f"try: curl -s {server.url}/v2.1/ -H 'X-Auth-Token: admin:admin'" in out
     assert server.data_dir.is_dir()
+    # The standalone default: it also says which sidecars it runs.
+    assert (f"also running cells cell1, cell2, cellsync, forwarder (data dir {server.data_dir})"
+            in out)
 
     root = server.get("/")
     assert root.status == 200
@@ -65,14 +68,14 @@ def test_serves_version_documents_and_says_where(fastpath_server: Factory) -> No
 
 
 def test_two_workers_both_serve(fastpath_server: Factory) -> None:
-    server = fastpath_server(workers=2)
+    server = fastpath_server(sidecars=False, workers=2)
     pids = server.distinct_pids(2)
     assert pids == server.worker_pids()
     assert server.pid not in pids
 
 
 def test_metrics_sum_over_both_workers(fastpath_server: Factory) -> None:
-    server = fastpath_server(workers=2)
+    server = fastpath_server(sidecars=False, workers=2)
     server.distinct_pids(2)
     before = server.metrics().get(HEALTHZ_200, 0)
     per_pid: dict[int, int] = {}
@@ -94,7 +97,7 @@ def test_metrics_sum_over_both_workers(fastpath_server: Factory) -> None:
 
 
 def test_status_lists_master_and_workers(fastpath_server: Factory) -> None:
-    server = fastpath_server(workers=2)
+    server = fastpath_server(sidecars=False, workers=2)
     done = server.status_cli("--json")
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
@@ -121,7 +124,7 @@ def test_status_lists_master_and_workers(fastpath_server: Factory) -> None:
 
 
 def test_kill_9_of_a_worker_respawns_it_while_the_other_serves(fastpath_server: Factory) -> None:
-    server = fastpath_server(workers=2)
+    server = fastpath_server(sidecars=False, workers=2)
     before = {r["index"]: r["pid"] for r in server.status() if r["role"] == "worker"}
     victim, survivor = before[0], before[1]
     os.kill(victim, signal.SIGKILL)
@@ -233,7 +236,7 @@ class Load:
 
 
 def test_sighup_replaces_workers_without_a_failed_request(fastpath_server: Factory) -> None:
-    server = fastpath_server(workers=2)
+    server = fastpath_server(sidecars=False, workers=2)
     old = server.worker_pids()
     retired: set[int] = set()
     with Load(server.port) as load:
@@ -270,7 +273,7 @@ def test_sighup_with_a_bad_config_keeps_the_workers(
 ) -> None:
     config = tmp_path / "fastpath.toml"
     config.write_text("[http]\nmax_headers = 50\n")
-    server = fastpath_server(workers=1, args=["--config", str(config)])
+    server = fastpath_server(sidecars=False, workers=1, args=["--config", str(config)])
     old = server.worker_pids()
     config.write_text("[http]\nmax_headers = 'many'\n")
     server.signal(signal.SIGHUP)
@@ -282,6 +285,7 @@ def test_sighup_with_a_bad_config_keeps_the_workers(
 
 def test_sigterm_lets_an_in_flight_request_finish(fastpath_server: Factory) -> None:
     server = fastpath_server(
+        sidecars=False,
         workers=2, args=["--set", "debug.test_routes=true", "--set", "master.graceful_timeout=10"]
     )
     result: dict[str, object] = {}
@@ -318,7 +322,7 @@ def test_sigterm_lets_an_in_flight_request_finish(fastpath_server: Factory) -> N
 
 
 def test_sigint_stops_quickly(fastpath_server: Factory) -> None:
-    server = fastpath_server(workers=2)
+    server = fastpath_server(sidecars=False, workers=2)
     workers = server.worker_pids()
     sent = time.monotonic()
     server.signal(signal.SIGINT)
@@ -330,12 +334,14 @@ def test_sigint_stops_quickly(fastpath_server: Factory) -> None:
 
 def test_workers_exit_when_the_master_is_killed(fastpath_server: Factory) -> None:
     server = fastpath_server(workers=2)
-    workers = server.worker_pids()
+    children = server.wait_until(
+        lambda: len(server.child_pids()) == 6 and server.child_pids(), 20,
+        "2 workers, 2 cells, cellsync and the forwarder")
     server.signal(signal.SIGKILL)
     assert server.wait_exit(5) == -signal.SIGKILL
-    # PR_SET_PDEATHSIG: each worker gets SIGTERM, drains (nothing in flight) and exits.
-    for pid in workers:
-        server.wait_until(partial(is_gone_or_zombie, pid), 10, f"worker {pid} to exit")
+    # PR_SET_PDEATHSIG: each child gets SIGTERM, stops (nothing in flight) and exits.
+    for pid in children:
+        server.wait_until(partial(is_gone_or_zombie, pid), 10, f"child {pid} to exit")
     done = server.status_cli("--json")
     assert done.returncode == 1 and json.loads(done.stdout) == []
 
@@ -354,7 +360,7 @@ def test_bad_setting_exits_2_naming_the_key(tmp_path: Path) -> None:
 def test_second_master_on_the_same_data_dir_is_refused(
     fastpath_server: Factory, free_port: Callable[[], int]
 ) -> None:
-    first = fastpath_server(workers=1)
+    first = fastpath_server(sidecars=False, workers=1)
     done = subprocess.run(
         [sys.executable, "-m", "fastpath", "serve", "--data-dir", str(first.data_dir),
          "--bind", f"127.0.0.1:{free_port()}", "--workers", "1"],
@@ -366,7 +372,7 @@ def test_second_master_on_the_same_data_dir_is_refused(
 
 
 def test_address_in_use_is_refused(fastpath_server: Factory, tmp_path: Path) -> None:
-    first = fastpath_server(workers=1)
+    first = fastpath_server(sidecars=False, workers=1)
     done = subprocess.run(
         [sys.executable, "-m", "fastpath", "serve", "--data-dir", str(tmp_path / "other"),
          "--bind", f"127.0.0.1:{first.port}", "--workers", "1"],
@@ -400,7 +406,7 @@ def boot_breaker(tmp_path: Path, trigger: Path | None = None) -> dict[str, str]:
 def test_a_worker_that_cannot_boot_halts_the_master(
     fastpath_server: Factory, tmp_path: Path
 ) -> None:
-    server = fastpath_server(workers=2, env=boot_breaker(tmp_path), wait=False)
+    server = fastpath_server(sidecars=False, workers=2, env=boot_breaker(tmp_path), wait=False)
     assert server.wait_exit(15) == 1
     log = server.stderr()
     assert "boot broken on purpose" in log
@@ -413,7 +419,7 @@ def test_a_reload_whose_worker_cannot_boot_keeps_the_old_workers(
     fastpath_server: Factory, tmp_path: Path
 ) -> None:
     trigger = tmp_path / "break-boot"
-    server = fastpath_server(workers=2, env=boot_breaker(tmp_path, trigger))
+    server = fastpath_server(sidecars=False, workers=2, env=boot_breaker(tmp_path, trigger))
     old = server.worker_pids()
     trigger.touch()
     server.signal(signal.SIGHUP)
@@ -471,6 +477,7 @@ def test_sd_notify_ready_watchdog_reload_stop(fastpath_server: Factory) -> None:
     listener = NotifyListener()
     try:
         server = fastpath_server(
+            sidecars=False,
             workers=2,
             # Pings every 0.25 s; a stopped worker's heartbeat is stale after 3 s and it is
             # killed and replaced after worker_timeout.
@@ -524,7 +531,7 @@ def test_sd_notify_ready_watchdog_reload_stop(fastpath_server: Factory) -> None:
 def test_reload_changes_the_worker_count(fastpath_server: Factory, tmp_path: Path) -> None:
     config = tmp_path / "fastpath.toml"
     config.write_text("workers = 1\n")
-    server = fastpath_server(workers=None, args=["--config", str(config)])
+    server = fastpath_server(sidecars=False, workers=None, args=["--config", str(config)])
     assert len(server.worker_pids()) == 1
 
     def workers(n: int, generation: int) -> Callable[[], bool]:

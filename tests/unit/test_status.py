@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fastpath.master import status
-from fastpath.master.shm import ROLE_WORKER, SharedState
+from fastpath.master.shm import ROLE_CELL, ROLE_WORKER, SharedState
 
 
 @pytest.fixture
@@ -54,6 +54,9 @@ def make_shm(data_dir: Path, master_pid: int) -> SharedState:
     shm.set_pid(4, 2222)
     shm.buf[shm.slot_offset(4) + 40 : shm.slot_offset(4) + 48] = (1).to_bytes(8, "little")
     shm.claim(2, ROLE_WORKER, generation=2, worker_index=1, restarts=0)  # being forked
+    shm.claim(5, ROLE_CELL, generation=3, worker_index=0, restarts=1, name="cell1")
+    shm.set_pid(5, 3333)
+    shm.set_ready(5)
     return shm
 
 
@@ -72,10 +75,14 @@ def test_lists_master_and_workers_as_json(data_dir: Path, locked: int) -> None:
         ("master", os.getpid()),
         ("worker", 1111),
         ("worker", 2222),
+        ("cell", 3333),
     ]
     for r in rows:
-        assert {"role", "pid", "started", "restarts"} <= r.keys()
-    master, w0, w1 = rows
+        assert {"role", "name", "pid", "started", "uptime", "restarts"} <= r.keys()
+    master, w0, w1, cell = rows
+    assert 59 <= master["uptime"] < 120
+    assert (w0["name"], cell["name"]) == (None, "cell1")
+    assert (cell["restarts"], cell["ready"], cell["slot"]) == (1, True, 5)
     assert master["generation"] == 3 and master["worker_restarts"] == 2
     assert master["restarts"] == 0
     assert (w0["restarts"], w0["index"], w0["slot"], w0["ready"]) == (2, 0, 0, False)
@@ -89,10 +96,11 @@ def test_table(data_dir: Path, locked: int) -> None:
     code, text = run(data_dir, as_json=False)
     assert code == 0
     lines = text.splitlines()
-    assert lines[0].split()[:4] == ["ROLE", "PID", "STARTED", "RESTARTS"]
-    assert lines[1].split()[:2] == ["master", str(os.getpid())]
-    assert lines[2].split()[:2] == ["worker", "1111"]
-    assert lines[3].split()[:2] == ["worker", "2222"]
+    assert lines[0].split()[:5] == ["ROLE", "NAME", "PID", "STARTED", "RESTARTS"]
+    assert lines[1].split()[:3] == ["master", "-", str(os.getpid())]
+    assert lines[2].split()[:3] == ["worker", "-", "1111"]
+    assert lines[3].split()[:3] == ["worker", "-", "2222"]
+    assert lines[4].split()[:3] == ["cell", "cell1", "3333"]
 
 
 def test_master_without_published_memory_is_listed_alone(data_dir: Path, locked: int) -> None:
@@ -140,11 +148,13 @@ def test_shared_memory_file_round_trip(data_dir: Path) -> None:
     shm = make_shm(data_dir, 77)
     reader = SharedState.open_file(str(data_dir / "run" / "fastpath.shm"))
     assert reader.nslots == shm.nslots and reader.master_pid == 77
-    assert [reader.pid(s) for s in range(6)] == [1111, 0, -1, 0, 2222, 0]
+    assert [reader.pid(s) for s in range(6)] == [1111, 0, -1, 0, 2222, 3333]
     assert reader.worker_index(4) == 1 and reader.slot_generation(0) == 3
+    assert (reader.name(5), reader.name(4)) == ("cell1", "")
+    assert reader.ready_by_role() == {ROLE_WORKER: (1, 2), ROLE_CELL: (1, 1)}
     # The writer's updates are visible through the reader's mapping at once.
-    shm.set_pid(0, 3333)
-    assert reader.pid(0) == 3333
+    shm.set_pid(0, 4444)
+    assert reader.pid(0) == 4444
     reader.buf.close()
     shm.buf.close()
     other = data_dir / "other.shm"

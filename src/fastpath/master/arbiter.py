@@ -18,6 +18,17 @@ Workers and memory.  Every child owns a slot of the shared memory
 ``fastpath status`` can read it; the slot carries the heartbeat (written by the worker's
 loop every second), the ready flag and the request counters.
 
+Sidecars.  In the standalone mode (the default) the master also runs, each in its own
+shared-memory slot: one local cell per name of ``standalone.cells`` (role ``cell``),
+``cellsync`` (``standalone.cellsync``) and the forwarder (``standalone.forwarder``).  A
+sidecar's loop is ``run(settings, ctl)`` with a :class:`fastpath.sidecar.Control`; it opens
+its databases after the fork.  A sidecar that dies is restarted with the workers' back-off
+(never a halt: a cell that cannot start must not take the API down); one whose heartbeat
+is older than ``master.sidecar_timeout`` is killed and restarted.  On SIGHUP the set of
+sidecars follows the new settings (cells added or removed, cellsync or the forwarder
+turned on or off), and a running sidecar is restarted (stopped first, then started with
+the new settings) only if a setting it reads changed (``SIDECAR_PREFIXES``).
+
 Signals: TERM graceful stop; INT and QUIT quick stop; HUP reload the configuration and
 replace the workers one by one (the new worker of an index is ready before the old one is
 asked to drain, so no request is refused); CHLD reap.
@@ -45,14 +56,26 @@ from fastpath import settings as settings_mod
 from fastpath.errors import MasterError, SettingsError
 from fastpath.master import status as status_mod
 from fastpath.master.sdnotify import Notifier
-from fastpath.master.shm import ROLE_WORKER, SharedState
+from fastpath.master.shm import (
+    ROLE_CELL,
+    ROLE_CELLSYNC,
+    ROLE_FORWARDER,
+    ROLE_NAMES,
+    ROLE_WORKER,
+    SharedState,
+)
 from fastpath.master.worker import EXIT_BOOT_ERROR, run_worker
 from fastpath.settings import Settings
+from fastpath.sidecar import Control, supervised_control
 
 log = logging.getLogger("fastpath.master")
 
-# Slots for the standalone sidecars (two cells, cellsync, forwarder) beside the workers.
+# Slots for the standalone sidecars (two cells, cellsync, forwarder) beside the workers;
+# more when standalone.cells names more cells, plus room for cells added by a reload.
 SIDECAR_SLOTS = 4
+SIDECAR_SPARE_SLOTS = 4
+# A sidecar is restarted on reload only if a setting under one of these changed.
+SIDECAR_PREFIXES = ("cell.", "cellsync.", "forwarder.", "store.", "standalone.", "log.")
 # A worker that dies sooner than this after it started counts as crash-looping: its next
 # respawn waits twice as long as the last one (from BACKOFF_FIRST up to
 # master.respawn_backoff_max); one that lived longer is respawned at once.
@@ -103,6 +126,27 @@ def describe_exit(code: int) -> str:
 
 
 @dataclass
+class Sidecar:
+    """A supervised sidecar: a local cell, cellsync or the forwarder."""
+
+    role: int
+    name: str  # the cell's name, "cellsync" or "forwarder"
+    index: int  # position among the sidecars of its role (shm worker_index)
+    target: Callable[[Settings, Control], int]
+    settings: Settings
+    pid: int | None = None
+    restarts: int = 0
+    respawn: bool = False  # the next spawn replaces one that died
+    backoff: float = 0.0
+    respawn_at: float = 0.0
+    removed: bool = False  # dropped by a reload: not started again
+
+    def label(self) -> str:
+        role = ROLE_NAMES[self.role]
+        return f"{role} {self.name}" if self.role == ROLE_CELL else role
+
+
+@dataclass
 class Proc:
     """A forked child, from fork to reap."""
 
@@ -115,8 +159,11 @@ class Proc:
     retiring: bool = False  # asked to drain and exit; its exit is expected
     kill_at: float | None = None  # SIGKILL if it is still alive then
     killed: str = ""  # why the master sent SIGKILL, for the exit log line
+    sidecar: Sidecar | None = None
 
     def name(self) -> str:
+        if self.sidecar is not None:
+            return f"{self.sidecar.label()} {self.pid}"
         return f"worker {self.pid} (index {self.index}, generation {self.generation})"
 
 
@@ -181,6 +228,8 @@ class Master:
         self._family = socket.AF_INET
         self._address: Any = ()
         self._no_slot_logged = False
+        self.sidecars: list[Sidecar] = []
+        self.sidecar_slots = SIDECAR_SLOTS
 
     # -- entry point --------------------------------------------------------------------
     def run(self) -> int:
@@ -222,8 +271,11 @@ class Master:
 
         count = self.settings.worker_count
         self._bind(count)
+        self.sidecars = self._plan_sidecars(self.settings)
+        self._prepare_cells(self.settings)
         # Room for a reload's new generation beside the draining old one, and the sidecars.
-        nslots = 2 * max(count, os.cpu_count() or 1) + SIDECAR_SLOTS
+        self.sidecar_slots = max(SIDECAR_SLOTS, len(self.sidecars)) + SIDECAR_SPARE_SLOTS
+        nslots = 2 * max(count, os.cpu_count() or 1) + self.sidecar_slots
         try:
             self.shm = SharedState.create_file(self.shm_path, nslots)
         except OSError as exc:
@@ -232,8 +284,9 @@ class Master:
         self.shm.master_started = time.time()
         self.shm.generation = self.generation
         log.info(
-            "master %d starting %d workers on %s (data dir %s)",
+            "master %d starting %d workers on %s (data dir %s)%s",
             self.pid, count, self.url, self.data_dir,
+            f" and sidecars: {self._sidecar_text()}" if self.sidecars else "",
         )
         self.notifier.status(f"starting {count} workers")
         if self.notifier.watchdog:
@@ -344,6 +397,7 @@ class Master:
             self._check_workers(now)
             if not self.stopping:
                 self._top_up(now)
+                self._top_up_sidecars(now)
                 self._announce()
             self._watchdog(now)
             if self.stopping and not self.procs:
@@ -361,6 +415,9 @@ class Master:
         for ix in self.indexes:
             if ix.pid is None and not self.stopping:
                 timeout = min(timeout, max(0.0, ix.respawn_at - now))
+        for sc in self.sidecars:
+            if sc.pid is None and not sc.removed and not self.stopping:
+                timeout = min(timeout, max(0.0, sc.respawn_at - now))
         for p in self.procs.values():
             if p.kill_at is not None:
                 timeout = min(timeout, max(0.0, p.kill_at - now))
@@ -408,24 +465,29 @@ class Master:
         )
         return proc
 
+    def _child_common(self, mask: Iterable[int]) -> None:
+        """In a freshly forked child: die with the master, drop the master's signals and
+        descriptors."""
+        # Die with the master (a kill -9 of the master must not leave children running).
+        if _prctl is not None:
+            _prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != self.pid:
+            os._exit(0)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for fd in (self._wake_r, self._wake_w, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.notifier.close()
+
     def _child(
         self, index: int, slot: int, settings: Settings, generation: int, mask: Iterable[int]
     ) -> NoReturn:
         try:
-            # Die with the master (a kill -9 of the master must not leave workers serving).
-            if _prctl is not None:
-                _prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-            if os.getppid() != self.pid:
-                os._exit(0)
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            for fd in (self._wake_r, self._wake_w, self._lock_fd):
-                if fd >= 0:
-                    os.close(fd)
-            self.notifier.close()
+            self._child_common(mask)
             for i, other in enumerate(self.indexes):
                 if i != index:
                     other.sock.close()
@@ -449,6 +511,160 @@ class Master:
             else:
                 ix.respawn_at = now + SPAWN_RETRY
 
+    # -- sidecars -------------------------------------------------------------------------
+    def _plan_sidecars(self, settings: Settings) -> list[Sidecar]:
+        """The sidecars ``settings`` ask for (their code imported now, before any fork)."""
+        out: list[Sidecar] = []
+        cells = settings.standalone_cells
+        if cells:
+            from fastpath.cell.main import run_cell
+
+            for i, name in enumerate(cells):
+                out.append(Sidecar(ROLE_CELL, name, i, _cell_target(run_cell, name), settings))
+        if settings["standalone.cellsync"]:
+            from cellsync.__main__ import run_daemon
+
+            out.append(Sidecar(ROLE_CELLSYNC, "cellsync", 0, run_daemon, settings))
+        if settings["standalone.forwarder"]:
+            target = _forwarder_target()
+            if target is not None:
+                out.append(Sidecar(ROLE_FORWARDER, "forwarder", 0, target, settings))
+        return out
+
+    def _prepare_cells(self, settings: Settings) -> None:
+        """Create the local cells' databases now, so that they exist (for ``fastpath seed``
+        and the forwarder) as soon as the master answers; the cells open them after fork."""
+        from fastpath.cell.registry import open_cell
+
+        for name in settings.standalone_cells:
+            try:
+                open_cell(self.data_dir, name, create=True).close()
+            except Exception as exc:  # noqa: BLE001 - the cell itself reports it again
+                raise MasterError(f"cannot create the database of cell {name}: {exc}") from None
+
+    def _sidecar_text(self) -> str:
+        live = [sc for sc in self.sidecars if not sc.removed]
+        cells = [sc.name for sc in live if sc.role == ROLE_CELL]
+        parts = [f"cells {', '.join(cells)}"] if cells else []
+        parts += [ROLE_NAMES[sc.role] for sc in live if sc.role != ROLE_CELL]
+        return ", ".join(parts)
+
+    def _spawn_sidecar(self, sc: Sidecar, now: float) -> Proc | None:
+        assert self.shm is not None
+        slot = self.shm.free_slot(sc.role)
+        if slot is None:
+            if not self._no_slot_logged:
+                self._no_slot_logged = True
+                log.warning("no free shared-memory slot for %s; waiting", sc.label())
+            return None
+        self._no_slot_logged = False
+        restarts = sc.restarts + (1 if sc.respawn else 0)
+        self.shm.claim(slot, sc.role, self.generation, sc.index, restarts, sc.name)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            self.shm.release(slot)
+            log.error("cannot fork %s: %s", sc.label(), exc.strerror)
+            return None
+        if pid == 0:
+            self._sidecar_child(sc, slot, blocked)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self.shm.set_pid(slot, pid)
+        sc.respawn = False
+        sc.restarts = restarts
+        sc.pid = pid
+        proc = Proc(pid, slot, sc.index, self.generation, now, sidecar=sc)
+        self.procs[pid] = proc
+        log.info(
+            "%s started (slot %d%s)",
+            proc.name(), slot, f", restart {restarts}" if restarts else "",
+        )
+        return proc
+
+    def _sidecar_child(self, sc: Sidecar, slot: int, mask: Iterable[int]) -> NoReturn:
+        code = 1
+        try:
+            self._child_common(mask)
+            for ix in self.indexes:
+                ix.sock.close()  # a sidecar accepts nothing
+            assert self.shm is not None
+            ctl = supervised_control(self.shm, slot)
+            code = int(sc.target(sc.settings, ctl))
+        except BaseException:  # noqa: BLE001 - report, then leave without running atexit
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def _top_up_sidecars(self, now: float) -> None:
+        for sc in self.sidecars:
+            if sc.pid is not None or sc.removed or now < sc.respawn_at:
+                continue
+            if self._spawn_sidecar(sc, now) is None:
+                sc.respawn_at = now + SPAWN_RETRY
+        self.sidecars = [sc for sc in self.sidecars if not (sc.removed and sc.pid is None)]
+
+    def _sidecar_exited(self, proc: Proc, code: int, what: str) -> None:
+        sc = proc.sidecar
+        assert sc is not None
+        if sc.pid == proc.pid:
+            sc.pid = None
+        now = time.monotonic()
+        if self.stopping or sc.removed:
+            expected = code in (0, -signal.SIGTERM, -signal.SIGINT)
+            log.log(logging.INFO if expected else logging.WARNING, "%s", what)
+            return
+        if proc.retiring:  # stopped to restart with new settings: at once
+            log.info("%s; starting it again with the new settings", what)
+            sc.respawn_at = now
+            return
+        lived = now - proc.started
+        sc.respawn = True
+        if lived < QUICK_DEATH:
+            cap = sc.settings["master.respawn_backoff_max"]
+            sc.backoff = min(max(2 * sc.backoff, BACKOFF_FIRST), cap)
+        else:
+            sc.backoff = 0.0
+        sc.respawn_at = now + sc.backoff
+        log.warning(
+            "%s after %.1f s; restarting%s",
+            what, lived, f" in {sc.backoff:.1f} s" if sc.backoff else "",
+        )
+
+    def _reload_sidecars(self, new: Settings) -> None:
+        """Make the sidecars follow ``new`` (see the module doc)."""
+        wanted = {(sc.role, sc.name): sc for sc in self._plan_sidecars(new)}
+        kept: list[Sidecar] = []
+        for sc in self.sidecars:
+            if sc.removed:
+                kept.append(sc)
+                continue
+            fresh = wanted.pop((sc.role, sc.name), None)
+            proc = self.procs.get(sc.pid) if sc.pid is not None else None
+            if fresh is None:
+                sc.removed = True
+                if proc is not None:
+                    self._retire(proc, "no longer in the settings")
+            elif _sidecar_settings_changed(sc.settings, new):
+                sc.settings, sc.index = new, fresh.index
+                if proc is not None:
+                    self._retire(proc, "its settings changed")
+            else:
+                sc.settings, sc.index = new, fresh.index
+            kept.append(sc)
+        if new.standalone_cells:
+            self._prepare_cells(new)
+        for sc in wanted.values():  # newly asked for
+            log.info("reload: adding %s", sc.label())
+            kept.append(sc)
+        self.sidecars = kept
+
     # -- reaping and health ---------------------------------------------------------------
     def _reap(self) -> None:
         while True:
@@ -471,6 +687,9 @@ class Master:
         what = f"{proc.name()} {describe_exit(code)}"
         if proc.killed:
             what += f" ({proc.killed})"
+        if proc.sidecar is not None:
+            self._sidecar_exited(proc, code, what)
+            return
         if self.stopping or proc.retiring:
             expected = code in (0, -signal.SIGTERM, -signal.SIGINT)
             log.log(logging.INFO if expected else logging.WARNING, "%s", what)
@@ -507,7 +726,7 @@ class Master:
         for proc in self.procs.values():
             if not proc.ready and self.shm.ready(proc.slot):
                 proc.ready = became_ready = True
-                log.debug("worker %d ready after %.3f s", proc.pid, time.monotonic() - proc.started)
+                log.debug("%s ready after %.3f s", proc.name(), time.monotonic() - proc.started)
         if became_ready and self.announced and self.reload is None and self._all_ready():
             self._set_status(self._serving_text())
 
@@ -517,21 +736,24 @@ class Master:
         for proc in list(self.procs.values()):
             if proc.killed:
                 continue
-            timeout = self._settings_of(proc)["master.worker_timeout"]
+            key = "master.worker_timeout" if proc.sidecar is None else "master.sidecar_timeout"
+            timeout = self._settings_of(proc)[key]
             age = (now_ns - self.shm.heartbeat_ns(proc.slot)) / 1e9
             if age > timeout:
-                self._kill(proc, f"no heartbeat for {age:.1f} s (worker_timeout {timeout:g} s)")
+                self._kill(proc, f"no heartbeat for {age:.1f} s ({key} {timeout:g} s)")
             elif proc.kill_at is not None and now >= proc.kill_at:
                 self._kill(proc, "still running when its grace period ended")
 
     def _settings_of(self, proc: Proc) -> Settings:
+        if proc.sidecar is not None:
+            return proc.sidecar.settings
         if proc.index < len(self.indexes):
             return self.indexes[proc.index].settings
         return self.settings
 
     def _kill(self, proc: Proc, why: str) -> None:
         proc.killed = why
-        log.warning("worker %d (index %d): %s; sending SIGKILL", proc.pid, proc.index, why)
+        log.warning("%s: %s; sending SIGKILL", proc.name(), why)
         try:
             os.kill(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -578,6 +800,8 @@ class Master:
         plural = "s" if n != 1 else ""
         try:
             print(f"fastpath: listening on {self.url} ({n} worker{plural}, master pid {self.pid})")
+            if self.sidecars:
+                print(f"fastpath: also running {self._sidecar_text()} (data dir {self.data_dir})")
             print(f"try: curl -s {self.url}/v2.1/ -H 'X-Auth-Token: admin:admin'", flush=True)
         except OSError:  # stdout closed (daemonised by hand): the log line below suffices
             pass
@@ -598,7 +822,9 @@ class Master:
         assert self.shm is not None
         now_ns = time.monotonic_ns()
         for proc in self.procs.values():
-            if proc.retiring or proc.killed:
+            # Sidecars are left out: the master restarts a stuck one itself, and a long
+            # resync must not make systemd restart the whole service.
+            if proc.retiring or proc.killed or proc.sidecar is not None:
                 continue
             stale = min(HEARTBEAT_STALE, self._settings_of(proc)["master.worker_timeout"])
             if now_ns - self.shm.heartbeat_ns(proc.slot) > stale * 1e9:
@@ -637,7 +863,7 @@ class Master:
         timeout = min(QUICK_STOP_TIMEOUT, grace) if quick else grace
         self.stop_deadline = now + timeout
         log.info(
-            "%s: %s stop of %d workers (grace %.1f s)",
+            "%s: %s stop of %d processes (grace %.1f s)",
             why, self.stopping, len(self.procs), timeout,
         )
         if first:
@@ -689,7 +915,7 @@ class Master:
                 new = new.replace(**{key: old[key]})
         assert self.shm is not None
         count = new.worker_count
-        most = (self.shm.nslots - SIDECAR_SLOTS) // 2
+        most = (self.shm.nslots - self.sidecar_slots) // 2
         if count > most:
             msg = f"{count} workers need a restart (shared memory is sized for {most})"
             log.error("reload refused: %s", msg)
@@ -701,6 +927,7 @@ class Master:
         self.shm.generation = self.generation
         self.settings = new
         set_log_level(new["log.level"])
+        self._reload_sidecars(new)
         for _ in range(old_count, count):  # more workers: new sockets join the group
             try:
                 sock = self._listener()
@@ -830,17 +1057,44 @@ class Master:
             self._lock_fd = -1
 
 
+def _cell_target(run_cell: Callable[..., int], name: str) -> Callable[[Settings, Control], int]:
+    def target(settings: Settings, ctl: Control) -> int:
+        return int(run_cell(settings, name, ctl))
+
+    return target
+
+
+def _forwarder_target() -> Callable[[Settings, Control], int] | None:
+    """``fastpath.forwarder.run`` if that module is there (it is optional)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module("fastpath.forwarder")
+    except ImportError:
+        return None
+    run = getattr(mod, "run", None)
+    return run if callable(run) else None
+
+
+def _sidecar_settings_changed(old: Settings, new: Settings) -> bool:
+    return any(
+        old[k] != new[k] for k in new if k.startswith(SIDECAR_PREFIXES)
+    )
+
+
 def setup_logging(level: str) -> None:
     """Master and workers log to stderr, one line per event (journald adds the time too)."""
-    logger = logging.getLogger("fastpath")
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-        )
-        logger.addHandler(handler)
+    for name in ("fastpath", "cellsync"):  # cellsync is a top-level package
+        logger = logging.getLogger(name)
+        if not logger.handlers and not logging.getLogger().handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+            )
+            logger.addHandler(handler)
     set_log_level(level)
 
 
 def set_log_level(level: str) -> None:
     logging.getLogger("fastpath").setLevel(level.upper())
+    logging.getLogger("cellsync").setLevel(level.upper())

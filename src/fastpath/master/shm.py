@@ -37,7 +37,8 @@ Layout (little-endian, offsets in bytes)::
      56  worker_index         u64
      64  store_read_txn       u64  read transactions begun by this process
      72  store_write_txn      u64  write transactions begun by this process
-     80  (reserved up to COUNTERS_OFFSET)
+     80  name                 48 bytes, UTF-8, NUL-padded: a sidecar's name (cell name,
+                                "cellsync", "forwarder"); empty for workers
     128  requests[MAX_ROUTES][NSTATUS]  u64, requests by route index and status index
 """
 
@@ -61,6 +62,8 @@ OFF_RESTARTS = 48
 OFF_WORKER_INDEX = 56
 OFF_STORE_READ = 64
 OFF_STORE_WRITE = 72
+OFF_NAME = 80
+NAME_SIZE = 48
 COUNTERS_OFFSET = 128
 
 # Routes are numbered by the route table (fastpath.api.routes); index 0 is "no route".
@@ -206,9 +209,14 @@ class SharedState:
                 never_used = slot
         return never_used
 
-    def claim(self, slot: int, role: int, generation: int, worker_index: int, restarts: int) -> None:
+    def claim(
+        self, slot: int, role: int, generation: int, worker_index: int, restarts: int,
+        name: str = "",
+    ) -> None:
         """Prepare a slot for a child about to be forked (the master does this before fork)."""
         base = self.slot_offset(slot)
+        raw = name.encode()[:NAME_SIZE]
+        self.buf[base + OFF_NAME : base + OFF_NAME + NAME_SIZE] = raw.ljust(NAME_SIZE, b"\0")
         _I64.pack_into(self.buf, base + OFF_PID, -1)  # reserved; the child writes its pid
         _U64.pack_into(self.buf, base + OFF_ROLE, role)
         _U64.pack_into(self.buf, base + OFF_GENERATION, generation)
@@ -254,6 +262,21 @@ class SharedState:
 
     def restarts(self, slot: int) -> int:
         return self._u64(self.slot_offset(slot) + OFF_RESTARTS)
+
+    def name(self, slot: int) -> str:
+        base = self.slot_offset(slot) + OFF_NAME
+        return bytes(self.buf[base : base + NAME_SIZE]).rstrip(b"\0").decode("utf-8", "replace")
+
+    def ready_by_role(self) -> dict[int, tuple[int, int]]:
+        """{role: (ready, running)} over the slots that have a process now."""
+        out: dict[int, tuple[int, int]] = {}
+        for slot in range(self.nslots):
+            if self.pid(slot) <= 0:
+                continue
+            role = self.role(slot)
+            ready, running = out.get(role, (0, 0))
+            out[role] = (ready + (1 if self.ready(slot) else 0), running + 1)
+        return out
 
     def worker_index(self, slot: int) -> int:
         return self._u64(self.slot_offset(slot) + OFF_WORKER_INDEX)

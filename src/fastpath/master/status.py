@@ -17,7 +17,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from fastpath.master.shm import ROLE_NAMES, SharedState
+from fastpath.master.shm import ROLE_NAMES, ROLE_WORKER, SharedState
 
 RUN_DIR = "run"
 PID_FILE = "master.pid"
@@ -111,6 +111,10 @@ def _iso(ts: float) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
+def _uptime(ts: float) -> float | None:
+    return round(max(0.0, time.time() - ts), 1) if ts > 0 else None
+
+
 def collect(data_dir: str) -> list[dict[str, Any]]:
     """One object per running process: the master first, then its children by slot."""
     pid = master_pid(data_dir)
@@ -125,8 +129,10 @@ def collect(data_dir: str) -> list[dict[str, Any]]:
         shm = None  # a previous master's file; the new one has not replaced it yet
     master: dict[str, Any] = {
         "role": "master",
+        "name": None,
         "pid": pid,
         "started": None,
+        "uptime": None,
         "restarts": 0,
         "generation": None,
         "worker_restarts": None,
@@ -136,6 +142,7 @@ def collect(data_dir: str) -> list[dict[str, Any]]:
         return rows
     try:
         master["started"] = _iso(shm.master_started)
+        master["uptime"] = _uptime(shm.master_started)
         master["generation"] = shm.generation
         master["worker_restarts"] = shm.worker_restarts
         now_ns = time.monotonic_ns()  # the heartbeats are CLOCK_MONOTONIC, system-wide
@@ -144,11 +151,15 @@ def collect(data_dir: str) -> list[dict[str, Any]]:
             if child <= 0:  # 0 free, -1 being forked
                 continue
             beat = shm.heartbeat_ns(slot)
+            role = shm.role(slot)
             rows.append(
                 {
-                    "role": ROLE_NAMES.get(shm.role(slot), f"role{shm.role(slot)}"),
+                    "role": ROLE_NAMES.get(role, f"role{role}"),
+                    # A sidecar's name: the cell's name, "cellsync", "forwarder".
+                    "name": (shm.name(slot) or None) if role != ROLE_WORKER else None,
                     "pid": child,
                     "started": _iso(shm.started(slot)),
+                    "uptime": _uptime(shm.started(slot)),
                     "restarts": shm.restarts(slot),
                     "generation": shm.slot_generation(slot),
                     "index": shm.worker_index(slot),
@@ -163,7 +174,7 @@ def collect(data_dir: str) -> list[dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]], out: TextIO) -> None:
-    head = ("ROLE", "PID", "STARTED", "RESTARTS", "GEN", "INDEX", "READY", "HEARTBEAT")
+    head = ("ROLE", "NAME", "PID", "STARTED", "RESTARTS", "GEN", "INDEX", "READY", "HEARTBEAT")
     lines = [head]
     for r in rows:
         age = r.get("heartbeat_age")
@@ -171,6 +182,7 @@ def _table(rows: list[dict[str, Any]], out: TextIO) -> None:
         lines.append(
             (
                 r["role"],
+                r.get("name") or "-",
                 str(r["pid"]),
                 r["started"] or "-",
                 str(r["restarts"]),
