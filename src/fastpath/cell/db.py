@@ -1198,3 +1198,127 @@ class SqliteCellDB(CellDB):
                         "new_flavor": json.loads(m[6]), "status": m[7]},
                 })
         return out
+
+    def open_action_event(self, action_id: int, event: str, start_time: int | None = None
+                          ) -> int:
+        """The unfinished event ``event`` of an action, started now if there is none (a
+        command resumed after a restart keeps the event it had)."""
+        with self.transaction():
+            row = self._conn.execute(
+                "SELECT id FROM instance_actions_events WHERE action_id = ? AND event = ?"
+                " AND finish_time IS NULL ORDER BY id DESC LIMIT 1", (action_id, event)).fetchone()
+            if row is not None:
+                return int(row[0])
+            return self.add_action_event(action_id, event, start_time=start_time)
+
+    # -- batch read (cellsync; issue 6 throughput) ------------------------------------------
+    def load_instances(self, uuids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """:meth:`load_instance` of many servers: ``{uuid: rows}`` in the same shape, read in
+        one snapshot with one query per table for the whole batch (not ~12 per server).
+        Unknown uuids are absent from the result; its order is that of ``uuids``.
+
+        PERF: the uuids go in as ONE JSON parameter (``IN (SELECT value FROM json_each(?))``:
+        no limit on the number of SQL variables, one statement to prepare); each child query
+        is ordered by ``instance_uuid`` then by the order :meth:`load_instance` uses, so the
+        rows of a server come out consecutive and in the right order.
+        """
+        import orjson  # PERF: ~4 JSON columns per server; json.loads' set-up costs more
+
+        def loads(text: str) -> Any:
+            try:
+                return orjson.loads(text)
+            except orjson.JSONDecodeError:  # beyond orjson (NaN, integers past 64 bits)
+                return json.loads(text)
+
+        wanted = json.dumps(list(dict.fromkeys(uuids)))
+        batch = "instance_uuid IN (SELECT value FROM json_each(?))"
+        out: dict[str, dict[str, Any]] = {}
+
+        def each(sql: str, *extra: Any) -> Iterator[Any]:
+            return c.execute(sql, (wanted, *extra))  # type: ignore[no-any-return]
+
+        with self._snapshot() as c:
+            for row in each(f"SELECT {', '.join(INSTANCE_COLUMNS)} FROM instances"
+                            " WHERE uuid IN (SELECT value FROM json_each(?))"):
+                inst = dict(zip(INSTANCE_COLUMNS, row, strict=True))
+                inst["locked"] = bool(inst["locked"])
+                out[inst["uuid"]] = {
+                    "instance": inst, "flavor": None,
+                    "extra": {"image_properties": {}, "scheduler_hints": {},
+                              "trusted_certs": None, "server_groups": []},
+                    "metadata": {}, "tags": [], "security_groups": [], "vifs": [], "ips": [],
+                    "volumes": [], "fault": None, "host": None, "done_commands": [],
+                    "actions": []}
+            if not out:
+                return {}
+            for row in each(f"SELECT instance_uuid, {', '.join(FLAVOR_COLUMNS)}"
+                            f" FROM instance_flavor WHERE {batch}"):
+                flavor = dict(zip(FLAVOR_COLUMNS, row[1:], strict=True))
+                flavor["extra_specs"] = loads(flavor["extra_specs"])
+                out[row[0]]["flavor"] = flavor
+            for row in each(f"SELECT instance_uuid, {', '.join(EXTRA_COLUMNS)}"
+                            f" FROM instance_extra WHERE {batch}"):
+                out[row[0]]["extra"] = {k: None if v is None else loads(v)
+                                        for k, v in zip(EXTRA_COLUMNS, row[1:], strict=True)}
+            for u, k, v in each("SELECT instance_uuid, key, value FROM instance_metadata"
+                                f" WHERE {batch} ORDER BY instance_uuid, key"):
+                out[u]["metadata"][k] = v
+            for u, t in each(f"SELECT instance_uuid, tag FROM instance_tags WHERE {batch}"
+                             " ORDER BY instance_uuid, tag"):
+                out[u]["tags"].append(t)
+            for u, n in each("SELECT instance_uuid, name FROM instance_security_groups"
+                             f" WHERE {batch} ORDER BY instance_uuid, position"):
+                out[u]["security_groups"].append(n)
+            for iu, vu, m, n in each(
+                    "SELECT instance_uuid, uuid, address, network_label FROM virtual_interfaces"
+                    f" WHERE {batch} ORDER BY instance_uuid, position"):
+                out[iu]["vifs"].append({"uuid": vu, "mac": m, "network": n})
+            for u, a, vu, v, t in each(
+                    "SELECT instance_uuid, address, vif_uuid, version, type FROM ip_addresses"
+                    f" WHERE {batch} ORDER BY instance_uuid, position"):
+                out[u]["ips"].append({"addr": a, "vif_uuid": vu, "version": v, "type": t})
+            for u, v, d, x in each(
+                    "SELECT instance_uuid, volume_id, device_name, delete_on_termination"
+                    f" FROM volume_attachments WHERE {batch}"
+                    " ORDER BY instance_uuid, attached_at, volume_id"):
+                out[u]["volumes"].append({"id": v, "device_name": d,
+                                          "delete_on_termination": bool(x)})
+            for u, *frow in each(
+                    "SELECT instance_uuid, code, message, details, host, created_at"
+                    " FROM instance_faults WHERE id IN (SELECT MAX(id) FROM instance_faults"
+                    f" WHERE {batch} GROUP BY instance_uuid)"):
+                out[u]["fault"] = dict(zip(("code", "message", "details", "host", "created_at"),
+                                           frow, strict=True))
+            names = sorted({r["instance"]["host"] for r in out.values()
+                            if r["instance"]["host"] is not None})
+            if names:
+                hosts = {row[0]: dict(zip(HOST_COLUMNS, row, strict=True)) for row in c.execute(
+                    f"SELECT {', '.join(HOST_COLUMNS)} FROM hosts"
+                    " WHERE name IN (SELECT value FROM json_each(?))", (json.dumps(names),))}
+                for r in out.values():
+                    r["host"] = hosts.get(r["instance"]["host"])
+            keep = self._meta_int(c, "done_commands_kept", DONE_COMMANDS_KEPT)
+            for u, cid in each(
+                    "SELECT instance_uuid, command_id FROM (SELECT instance_uuid, command_id,"
+                    " finished_at, ROW_NUMBER() OVER (PARTITION BY instance_uuid"
+                    " ORDER BY finished_at DESC, command_id DESC) AS n FROM inbox"
+                    f" WHERE {batch} AND state != 'new') WHERE n <= ?"
+                    " ORDER BY instance_uuid, finished_at, command_id", keep):
+                out[u]["done_commands"].append(cid)
+            events: dict[int, list[dict[str, Any]]] = {}
+            for row in each(f"SELECT instance_uuid, {', '.join(ACTION_COLUMNS)}"
+                            f" FROM instance_actions WHERE {batch}"
+                            " ORDER BY instance_uuid, start_time DESC, id DESC"):
+                action = dict(zip(ACTION_COLUMNS, row[1:], strict=True))
+                action["events"] = events.setdefault(action.pop("id"), [])
+                out[row[0]]["actions"].append(action)
+            if events:
+                for row in each(
+                        f"SELECT {', '.join('e.' + x for x in EVENT_COLUMNS)}"
+                        " FROM instance_actions_events e JOIN instance_actions a"
+                        " ON a.id = e.action_id WHERE a.instance_uuid IN"
+                        " (SELECT value FROM json_each(?))"
+                        " ORDER BY e.action_id, e.start_time DESC, e.id DESC"):
+                    event = dict(zip(EVENT_COLUMNS, row, strict=True))
+                    events[event.pop("action_id")].append(event)
+        return {u: out[u] for u in dict.fromkeys(uuids) if u in out}
