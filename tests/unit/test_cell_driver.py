@@ -12,6 +12,7 @@ import pytest
 from fastpath.cell import SqliteCellDB
 from fastpath.cell.driver import NO_VALID_HOST, DriverFault, HostSpec, SimulatedDriver
 from fastpath.cell.service import CellService
+from tests.unit.cell_support import cell_db, make_service
 
 U1 = "11111111-1111-4111-8111-111111111111"
 U2 = "22222222-2222-4222-8222-222222222222"
@@ -22,17 +23,13 @@ T0 = 1_700_000_000.0
 
 @pytest.fixture()
 def db(tmp_path: Path) -> Iterator[SqliteCellDB]:
-    d = SqliteCellDB(str(tmp_path / "cell.sqlite"))
-    yield d
-    d.close()
+    yield from cell_db(tmp_path)
 
 
 def make(db: SqliteCellDB, hosts: list[HostSpec] | None = None, **kw: Any) -> CellService:
     kw.setdefault("build_delay", 5.0)
     kw.setdefault("action_delay", 2.0)
-    driver = SimulatedDriver(hosts or [HostSpec("c1", 4, 8192, 100), HostSpec("c2", 8, 16384, 200)],
-                             ip_pool="192.168.7.0/24", seed=1, **kw)
-    return CellService(db, driver, "cell1")
+    return make_service(db, hosts, **kw)
 
 
 def create(db: SqliteCellDB, uuid: str = U1, cid: str = "req-c1") -> None:

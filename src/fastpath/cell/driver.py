@@ -8,9 +8,19 @@ itself, using the driver's ``build_delay`` and ``action_delay``).  A failure is 
 :class:`SimulatedDriver` is the default: configurable hosts with vCPU/RAM/disk capacity, fixed
 IPv4 addresses from one per-cell pool, MACs ``fa:16:3e:xx:xx:xx`` and an injected failure rate.
 
-Placement is *most free RAM first* among the hosts with room for the flavor's vCPUs, RAM and
-disk (ties: host name order).  That spreads servers the way Nova's default RAM weigher does.
-Disk is ``root + ephemeral`` GB plus swap (MiB) rounded up to whole GB.  No overcommit.
+Placement is the scheduled host when the API chose one and it has room, else *most free RAM
+first* among the hosts with room for the flavor's vCPUs, RAM and disk (ties: host name order).
+That spreads servers the way Nova's default RAM weigher does.  Disk is ``root + ephemeral`` GB
+plus swap (MiB) rounded up to whole GB.  No overcommit.
+
+A resize holds two claims until it is confirmed or reverted, as Nova's resource tracker does:
+the old flavor where the server was, the new one on the destination (the same host when it
+has room: ``allow_resize_to_same_host``).  Confirm releases the old claim, revert the new one.
+
+The driver keeps its claims in memory; after a restart :meth:`SimulatedDriver.restore` takes
+them back from the cell database (every live server's host, flavor, fixed IP, MAC, power
+state and unfinished resize), so a restarted cell neither double-allocates an address nor
+overcommits a host.
 """
 
 from __future__ import annotations
@@ -92,8 +102,8 @@ class ComputeDriver(abc.ABC):
     action_delay: float = 0.0  # seconds a reboot/stop/start/... stays in its task_state
 
     @abc.abstractmethod
-    def spawn(self, uuid: str, flavor: Mapping[str, Any]) -> Spawned:
-        """Claim a host and a fixed IP for a new server; DriverFault if impossible."""
+    def spawn(self, uuid: str, flavor: Mapping[str, Any], host: str | None = None) -> Spawned:
+        """Claim a host (``host`` if it has room) and a fixed IP; DriverFault if impossible."""
 
     @abc.abstractmethod
     def reboot(self, uuid: str, hard: bool = False) -> None: ...
@@ -117,8 +127,39 @@ class ComputeDriver(abc.ABC):
     def resume(self, uuid: str) -> None: ...
 
     @abc.abstractmethod
+    def rebuild(self, uuid: str) -> None: ...
+
+    @abc.abstractmethod
+    def snapshot(self, uuid: str) -> None: ...
+
+    @abc.abstractmethod
+    def resize_claim(self, uuid: str, flavor: Mapping[str, Any]) -> tuple[str, str]:
+        """Claim ``flavor`` for a resize beside the current claim; (host, node) it got.
+
+        Idempotent: a second call returns the claim already held.
+        """
+
+    @abc.abstractmethod
+    def confirm_resize(self, uuid: str) -> list[str]:
+        """Keep the new claim, release the old one; the hosts whose usage changed."""
+
+    @abc.abstractmethod
+    def revert_resize(self, uuid: str) -> list[str]:
+        """Keep the old claim, release the new one; the hosts whose usage changed."""
+
+    @abc.abstractmethod
     def destroy(self, uuid: str) -> str | None:
         """Remove a server and release what it held (idempotent); returns its host, if any."""
+
+    @abc.abstractmethod
+    def hosts_of(self, uuid: str) -> list[str]:
+        """The hosts where ``uuid`` holds a claim (two during a resize)."""
+
+    @abc.abstractmethod
+    def restore(self, uuid: str, host: str, flavor: Mapping[str, Any], ip: str | None,
+                mac: str | None, power_state: int,
+                resize: tuple[str, Mapping[str, Any]] | None = None) -> None:
+        """Take back a claim recorded in the cell database (after a restart)."""
 
     @abc.abstractmethod
     def hosts(self) -> list[HostUsage]:
@@ -137,15 +178,29 @@ class _IPPool:
         self._next: Iterator[ipaddress.IPv4Address] = iter(network.hosts())
         next(self._next, None)  # the gateway
         self._free: list[int] = []
+        self._used: set[int] = set()
 
     def allocate(self) -> str | None:
-        if self._free:
-            return str(ipaddress.IPv4Address(heapq.heappop(self._free)))
-        addr = next(self._next, None)
-        return None if addr is None else str(addr)
+        while self._free:
+            n = heapq.heappop(self._free)
+            if n not in self._used:
+                self._used.add(n)
+                return str(ipaddress.IPv4Address(n))
+        for addr in self._next:
+            if int(addr) not in self._used:  # taken back by reserve() after a restart
+                self._used.add(int(addr))
+                return str(addr)
+        return None
+
+    def reserve(self, ip: str) -> None:
+        """Mark ``ip`` as in use (a claim restored from the database)."""
+        self._used.add(int(ipaddress.IPv4Address(ip)))
 
     def release(self, ip: str) -> None:
-        heapq.heappush(self._free, int(ipaddress.IPv4Address(ip)))
+        n = int(ipaddress.IPv4Address(ip))
+        if n in self._used:
+            self._used.discard(n)
+            heapq.heappush(self._free, n)
 
 
 class SimulatedDriver(ComputeDriver):
@@ -173,8 +228,10 @@ class SimulatedDriver(ComputeDriver):
         self._rng = random.Random(seed)
         self._pool = _IPPool(pool)
         self._used: dict[str, list[int]] = {h.name: [0, 0, 0] for h in hosts}
-        # uuid -> (host, needs, ip, mac)
-        self._servers: dict[str, tuple[str, tuple[int, int, int], str, str]] = {}
+        # uuid -> (host, needs, ip, mac); ip/mac None for a build restored before its network
+        self._servers: dict[str, tuple[str, tuple[int, int, int], str | None, str | None]] = {}
+        # uuid -> (host, needs) of the new flavor while a resize is unconfirmed
+        self._resizes: dict[str, tuple[str, tuple[int, int, int]]] = {}
         self._power: dict[str, int] = {}
         self._macs: set[str] = set()
 
@@ -195,36 +252,53 @@ class SimulatedDriver(ComputeDriver):
                 self._macs.add(mac)
                 return mac
 
-    def _pick_host(self, needs: tuple[int, int, int]) -> HostSpec | None:
+    def _fits(self, name: str, needs: tuple[int, int, int]) -> bool:
+        spec, used = self.specs[name], self._used[name]
+        caps = (spec.vcpus, spec.ram_mb, spec.disk_gb)
+        return all(u + n <= c for u, n, c in zip(used, needs, caps, strict=True))
+
+    def _pick_host(self, needs: tuple[int, int, int],
+                   prefer: str | None = None) -> HostSpec | None:
+        if prefer is not None and prefer in self.specs and self._fits(prefer, needs):
+            return self.specs[prefer]
         best: HostSpec | None = None
         best_free = -1
         for name in sorted(self.specs):
-            spec, used = self.specs[name], self._used[name]
-            caps = (spec.vcpus, spec.ram_mb, spec.disk_gb)
-            if all(u + n <= c for u, n, c in zip(used, needs, caps, strict=True)):
-                free = spec.ram_mb - used[1]
+            if self._fits(name, needs):
+                free = self.specs[name].ram_mb - self._used[name][1]
                 if free > best_free:
-                    best, best_free = spec, free
+                    best, best_free = self.specs[name], free
         return best
 
+    def _claim(self, host: str, needs: tuple[int, int, int], sign: int = 1) -> None:
+        used = self._used[host]
+        for i, n in enumerate(needs):
+            used[i] += sign * n
+
     # -- the interface ---------------------------------------------------------------------
-    def spawn(self, uuid: str, flavor: Mapping[str, Any]) -> Spawned:
-        if uuid in self._servers:  # a retried spawn returns what was claimed
-            host, _, held_ip, held_mac = self._servers[uuid]
-            held = self.specs[host]
-            return Spawned(host, held.node_name, held.az, held_mac, held_ip, self.network)
-        self._maybe_fail("spawn", uuid)
-        needs = flavor_needs(flavor)
-        spec = self._pick_host(needs)
-        if spec is None:
-            raise DriverFault(500, NO_VALID_HOST)
+    def _allocate_ip(self) -> str:
         ip = self._pool.allocate()
         if ip is None:
             raise DriverFault(500, f"No more fixed IP addresses in {self._pool.network}.")
+        return ip
+
+    def spawn(self, uuid: str, flavor: Mapping[str, Any], host: str | None = None) -> Spawned:
+        if uuid in self._servers:  # a retried spawn returns what was claimed
+            held_host, needs, held_ip, held_mac = self._servers[uuid]
+            if held_ip is None or held_mac is None:  # restored before its network was set
+                held_ip = held_ip or self._allocate_ip()
+                held_mac = held_mac or self._new_mac()
+                self._servers[uuid] = (held_host, needs, held_ip, held_mac)
+            held = self.specs[held_host]
+            return Spawned(held_host, held.node_name, held.az, held_mac, held_ip, self.network)
+        self._maybe_fail("spawn", uuid)
+        needs = flavor_needs(flavor)
+        spec = self._pick_host(needs, host)
+        if spec is None:
+            raise DriverFault(500, NO_VALID_HOST)
+        ip = self._allocate_ip()
         mac = self._new_mac()
-        used = self._used[spec.name]
-        for i, n in enumerate(needs):
-            used[i] += n
+        self._claim(spec.name, needs)
         self._servers[uuid] = (spec.name, needs, ip, mac)
         self._power[uuid] = RUNNING
         return Spawned(spec.name, spec.node_name, spec.az, mac, ip, self.network)
@@ -255,18 +329,87 @@ class SimulatedDriver(ComputeDriver):
     def resume(self, uuid: str) -> None:
         self._power_action(uuid, "resume", RUNNING)
 
+    def rebuild(self, uuid: str) -> None:
+        self._power_action(uuid, "rebuild", RUNNING)
+
+    def snapshot(self, uuid: str) -> None:
+        self._require(uuid)
+        self._maybe_fail("snapshot", uuid)
+
+    def resize_claim(self, uuid: str, flavor: Mapping[str, Any]) -> tuple[str, str]:
+        self._require(uuid)
+        if uuid in self._resizes:
+            host = self._resizes[uuid][0]
+            return host, self.specs[host].node_name
+        self._maybe_fail("resize", uuid)
+        needs = flavor_needs(flavor)
+        spec = self._pick_host(needs, self._servers[uuid][0])
+        if spec is None:
+            raise DriverFault(500, NO_VALID_HOST)
+        self._claim(spec.name, needs)
+        self._resizes[uuid] = (spec.name, needs)
+        return spec.name, spec.node_name
+
+    def confirm_resize(self, uuid: str) -> list[str]:
+        new = self._resizes.pop(uuid, None)
+        if new is None or uuid not in self._servers:
+            return []
+        old_host, old_needs, ip, mac = self._servers[uuid]
+        self._claim(old_host, old_needs, -1)
+        self._servers[uuid] = (new[0], new[1], ip, mac)
+        return sorted({old_host, new[0]})
+
+    def revert_resize(self, uuid: str) -> list[str]:
+        new = self._resizes.pop(uuid, None)
+        if new is None:
+            return []
+        self._claim(new[0], new[1], -1)
+        return [new[0]]
+
     def destroy(self, uuid: str) -> str | None:
         held = self._servers.pop(uuid, None)
         self._power.pop(uuid, None)
+        new = self._resizes.pop(uuid, None)
+        if new is not None:
+            self._claim(new[0], new[1], -1)
         if held is None:
             return None
         host, needs, ip, mac = held
-        used = self._used[host]
-        for i, n in enumerate(needs):
-            used[i] -= n
-        self._pool.release(ip)
-        self._macs.discard(mac)
+        self._claim(host, needs, -1)
+        if ip is not None:
+            self._pool.release(ip)
+        if mac is not None:
+            self._macs.discard(mac)
         return host
+
+    def hosts_of(self, uuid: str) -> list[str]:
+        held = self._servers.get(uuid)
+        new = self._resizes.get(uuid)
+        return sorted({h for h in (held and held[0], new and new[0]) if h})
+
+    def restore(self, uuid: str, host: str, flavor: Mapping[str, Any], ip: str | None,
+                mac: str | None, power_state: int,
+                resize: tuple[str, Mapping[str, Any]] | None = None) -> None:
+        """Take back a claim recorded in the cell database (after a restart).
+
+        ``host``/``flavor``: where the server is claimed (the *old* flavor and source host
+        while a resize is unconfirmed, ``resize`` then being the new claim).  A host the
+        driver no longer has is skipped with its claim (the database still tells).
+        """
+        if uuid in self._servers or host not in self.specs:
+            return
+        needs = flavor_needs(flavor)
+        self._claim(host, needs)
+        if ip is not None:
+            self._pool.reserve(ip)
+        if mac is not None:
+            self._macs.add(mac)
+        self._servers[uuid] = (host, needs, ip, mac)
+        self._power[uuid] = power_state
+        if resize is not None and resize[0] in self.specs:
+            new_needs = flavor_needs(resize[1])
+            self._claim(resize[0], new_needs)
+            self._resizes[uuid] = (resize[0], new_needs)
 
     def hosts(self) -> list[HostUsage]:
         return [HostUsage(self.specs[n], *self._used[n]) for n in sorted(self.specs)]

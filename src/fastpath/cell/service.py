@@ -1,42 +1,55 @@
-"""The cell service: executes the inbox's commands with Nova's state machine (issue 6).
+"""The cell service: executes the inbox's commands with Nova's state machine (issues 6 and 7).
 
 :class:`CellService` takes commands from the cell database's inbox (oldest first) and drives
-the compute driver.  Each command has two phases, each one cell transaction (state change,
-change feed entry, instance action/event rows together):
+the compute driver.  The payloads are those of docs/commands.md ("Inbox payloads").  A
+command runs in *phases*; each phase is one cell transaction (state change, change feed entry,
+instance action/event rows together), and the next phase falls due ``action_delay`` seconds
+later (``build_delay`` for a create):
 
-========  ====================================  ==========================================
-command   phase 1 (when taken)                  phase 2 (``build_delay``/``action_delay`` later)
-========  ====================================  ==========================================
-create    row created: building / spawning,     active, power 1, addresses, launched_at;
-          host + node if the driver claimed     or error + fault (driver fault, no valid host)
-reboot    task_state rebooting(_hard)           active, power 1
-stop      task_state powering-off               stopped, power 4
-start     task_state powering-on                active, power 1
-pause     task_state pausing                    paused, power 3
-unpause   task_state unpausing                  active, power 1
-suspend   task_state suspending                 suspended, power 7
-resume    task_state resuming                   active, power 1
-delete    task_state deleting                   soft-deleted, capacity and IP released
-========  ====================================  ==========================================
+============  ==========================================  ===================================
+command       phases (task_state written by each)         last phase
+============  ==========================================  ===================================
+create        row created building / spawning, host       active, power 1, addresses; or
+              claimed (the scheduled host if it has room)  error + fault (driver fault, "No
+                                                           valid host was found.")
+reboot        rebooting (rebooting_hard for HARD)         active, power 1
+stop          powering-off                                stopped, power 4
+start         powering-on                                 active, power 1
+pause         pausing                                     paused, power 3
+unpause       unpausing                                   active, power 1
+suspend       suspending                                  suspended, power 7
+resume        resuming                                    active, power 1
+delete        deleting                                    soft-deleted, claims released
+resize        resize_prep (new flavor claimed),           resized (VERIFY_RESIZE), the new
+              resize_migrating, resize_finish             flavor, host = destination
+revertResize  resize_reverting                            the old flavor and host, new claim
+                                                           released; active (stopped if off)
+rebuild       rebuilding, rebuild_spawning                new image_ref (+ name, description,
+                                                           metadata), active (stopped if off)
+createImage   image_snapshot, image_pending_upload        task_state none
+============  ==========================================  ===================================
 
-The command is finished (``finish_command``) exactly once, in phase 2's transaction:
-``done``, or ``failed`` when the driver raised (the server goes to ERROR with a fault) or the
-command does not apply to the server's state (no state change, the action records an error).
+One-phase commands change the server when taken: ``lock``/``unlock`` (locked, locked_by,
+locked_reason), ``update`` (name, description, hostname), ``metadata`` and ``tags`` (their
+``op``), ``confirmResize`` (active, or stopped if powered off; the old claim released).
 
-Payloads: ``{"action": "create", "server": <create_instance values without the states>}``;
-``{"action": "reboot", "type": "SOFT" | "HARD"}``; ``{"action": "stop" | "start" | "pause" |
-"unpause" | "suspend" | "resume" | "delete"}``; optional ``project_id``/``user_id`` for the
-instance action (else the server's).
+Every command is finished (``finish_command``) exactly once, in its last transaction, so the
+server lists it in ``done_commands`` and the API drops its pending overlay: ``done``; or
+``failed`` when the driver raised (power actions and builds: ERROR with a fault; a snapshot:
+the server is left as it was, with a fault; a resize with no room: the server is left as it
+was, with the fault "No valid host was found.") or when the command does not apply to the
+server's state at execution time (no state change; the instance action records the error).
 
 Time is passed in: :meth:`CellService.step` ``(now)`` (seconds since the epoch) advances every
 phase whose due time has passed, so tests are deterministic.  Commands for one server run one
-at a time, in inbox order; different servers proceed concurrently.  The driver is called in
-phase 1 for create (the claim must be immediate so concurrent builds cannot overcommit) and in
-phase 2 for the other commands.
+at a time, in inbox order; different servers proceed concurrently.  The driver claims at once
+for create and resize (so concurrent commands cannot overcommit) and does the rest of its work
+in the last phase.
 
-Phases in flight live in memory: a restarted service re-takes commands still ``new`` in the
-inbox (a create whose server already exists resumes at phase 2).  Rebuilding the simulated
-driver's claims from the database after a restart is still to do.
+Phases in flight live in memory.  A restarted service gives the driver back its claims from
+the database (:meth:`fastpath.cell.driver.SimulatedDriver.restore`) and re-takes the commands
+still ``new`` in the inbox; a command whose server shows one of its task states resumes at that
+phase (a create whose server exists resumes at its last phase).
 """
 
 from __future__ import annotations
@@ -46,7 +59,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastpath.cell.db import CellDBError, SqliteCellDB
+from fastpath.cell.db import INSTANCE_COLUMNS, CellDBError, SqliteCellDB
 from fastpath.cell.driver import (
     PAUSED,
     RUNNING,
@@ -62,39 +75,63 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Transition:
-    """A non-create command: allowed vm_states, its task_state, driver call, end state."""
+class Action:
+    """How the cell runs one kind of command (see the module docstring's table)."""
 
-    allowed: frozenset[str]
-    task_state: str
-    call: str  # ComputeDriver method name
-    vm_state: str
-    power_state: int
-    event: str
+    allowed: frozenset[str] | None  # vm_states it applies to; None: any live server
+    task_states: tuple[str, ...]  # written by the phases before the last; (): one phase
+    event: str | None  # the instance action event (None: no compute work, no event)
+    idle: bool = True  # refused while another task runs (task_state set)
+    record: bool = True  # recorded as an instance action (Nova: not update/metadata/tags)
+    call: str = ""  # ComputeDriver method of the last phase (power actions)
+    vm_state: str = ""  # vm_state after the last phase (power actions)
+    power_state: int = 0
 
 
-_ANY_LIVE = frozenset({"active", "building", "stopped", "paused", "suspended", "error",
-                       "rescued", "resized", "shelved", "shelved_offloaded", "soft-delete"})
-TRANSITIONS: dict[str, Transition] = {
-    "reboot": Transition(frozenset({"active", "stopped", "paused", "suspended", "error"}),
-                         "rebooting", "reboot", "active", RUNNING, "compute_reboot_instance"),
-    "stop": Transition(frozenset({"active", "paused", "suspended", "rescued", "error"}),
-                       "powering-off", "power_off", "stopped", SHUTDOWN,
-                       "compute_stop_instance"),
-    "start": Transition(frozenset({"stopped"}), "powering-on", "power_on", "active", RUNNING,
-                        "compute_start_instance"),
-    "pause": Transition(frozenset({"active"}), "pausing", "pause", "paused", PAUSED,
-                        "compute_pause_instance"),
-    "unpause": Transition(frozenset({"paused"}), "unpausing", "unpause", "active", RUNNING,
-                          "compute_unpause_instance"),
-    "suspend": Transition(frozenset({"active"}), "suspending", "suspend", "suspended",
-                          SUSPENDED, "compute_suspend_instance"),
-    "resume": Transition(frozenset({"suspended"}), "resuming", "resume", "active", RUNNING,
-                         "compute_resume_instance"),
-    "delete": Transition(_ANY_LIVE, "deleting", "destroy", "deleted", 0,
-                         "compute_terminate_instance"),
+_ACTIVE = frozenset({"active"})
+ACTIONS: dict[str, Action] = {
+    "reboot": Action(frozenset({"active", "stopped", "paused", "suspended", "error"}),
+                     ("rebooting",), "compute_reboot_instance", call="reboot",
+                     vm_state="active", power_state=RUNNING),
+    "stop": Action(frozenset({"active", "paused", "suspended", "rescued", "error"}),
+                   ("powering-off",), "compute_stop_instance", call="power_off",
+                   vm_state="stopped", power_state=SHUTDOWN),
+    "start": Action(frozenset({"stopped"}), ("powering-on",), "compute_start_instance",
+                    call="power_on", vm_state="active", power_state=RUNNING),
+    "pause": Action(_ACTIVE, ("pausing",), "compute_pause_instance", call="pause",
+                    vm_state="paused", power_state=PAUSED),
+    "unpause": Action(frozenset({"paused"}), ("unpausing",), "compute_unpause_instance",
+                      call="unpause", vm_state="active", power_state=RUNNING),
+    "suspend": Action(_ACTIVE, ("suspending",), "compute_suspend_instance", call="suspend",
+                      vm_state="suspended", power_state=SUSPENDED),
+    "resume": Action(frozenset({"suspended"}), ("resuming",), "compute_resume_instance",
+                     call="resume", vm_state="active", power_state=RUNNING),
+    "delete": Action(None, ("deleting",), "compute_terminate_instance", idle=False,
+                     call="destroy", vm_state="deleted"),
+    "lock": Action(None, (), None, idle=False),
+    "unlock": Action(None, (), None, idle=False),
+    "update": Action(None, (), None, idle=False, record=False),
+    "metadata": Action(None, (), None, idle=False, record=False),
+    "tags": Action(None, (), None, idle=False, record=False),
+    "resize": Action(frozenset({"active", "stopped"}),
+                     ("resize_prep", "resize_migrating", "resize_finish"),
+                     "compute_resize_instance"),
+    "confirmResize": Action(frozenset({"resized"}), (), "compute_confirm_resize"),
+    "revertResize": Action(frozenset({"resized"}), ("resize_reverting",),
+                           "compute_revert_resize"),
+    "rebuild": Action(frozenset({"active", "stopped", "error"}),
+                      ("rebuilding", "rebuild_spawning"), "compute_rebuild_instance"),
+    "createImage": Action(frozenset({"active", "stopped", "paused", "suspended"}),
+                          ("image_snapshot", "image_pending_upload"),
+                          "compute_snapshot_instance"),
 }
 CREATE_EVENT = "compute_build_and_run_instance"
+# What create_instance takes besides INSTANCE_COLUMNS (fastpath.cell.db).
+_CREATE_NESTED = frozenset({"flavor", "metadata", "tags", "security_groups", "network",
+                            "volumes", "image_properties", "scheduler_hints",
+                            "trusted_image_certificates", "server_groups"})
+_CREATE_KEYS = frozenset(INSTANCE_COLUMNS) | _CREATE_NESTED
+_UPDATE_FIELDS = ("name", "description", "hostname")
 
 
 def payload_uuid(payload: dict[str, Any]) -> str | None:
@@ -104,6 +141,10 @@ def payload_uuid(payload: dict[str, Any]) -> str | None:
 
 def _us(now: float) -> int:
     return int(now * 1_000_000)
+
+
+class Refused(Exception):
+    """A command does not apply (bad payload, or the server's state at execution time)."""
 
 
 @dataclass
@@ -117,6 +158,8 @@ class _Job:
     payload: dict[str, Any]
     spawned: Spawned | None = None
     fault: DriverFault | None = None
+    task_states: tuple[str, ...] = ()
+    stage: int = 0  # index in task_states of the task_state the server shows
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -127,24 +170,37 @@ class CellService:
         self.db = db
         self.driver = driver
         self.name = name
-        self._jobs: dict[str, _Job] = {}  # command_id -> phase 2 pending
+        self._jobs: dict[str, _Job] = {}  # command_id -> a phase pending
         self._busy: set[str] = set()  # uuids with a job in flight
+        self._restore_claims()
         with db.transaction():
             for usage in driver.hosts():
                 self._write_host(usage)
 
+    def _restore_claims(self) -> None:
+        """Give the driver back what the database says the live servers hold."""
+        n = 0
+        for c in self.db.live_claims():
+            m = c["migration"]
+            if m is not None and m["source_host"]:
+                self.driver.restore(c["uuid"], m["source_host"], m["old_flavor"], c["ip"],
+                                    c["mac"], c["power_state"],
+                                    resize=(m["dest_host"], m["new_flavor"]))
+            else:
+                self.driver.restore(c["uuid"], c["host"], c["flavor"], c["ip"], c["mac"],
+                                    c["power_state"])
+            n += 1
+        if n:
+            log.info("cell %s: restored the claims of %d server(s)", self.name, n)
+
     # -- the loop body ---------------------------------------------------------------------
     def step(self, now: float) -> int:
         """Advance everything due at ``now``; returns how many transitions were committed."""
-        done = 0
-        for job in sorted(self._jobs.values(), key=lambda j: (j.due, j.command_id)):
-            if job.due <= now:
-                self._finish(job, now)
-                done += 1
+        done = self._run_due(now)
         for command_id, uuid, payload in self.db.pending_commands(limit=1000):
             if command_id in self._jobs:
                 continue
-            target = uuid or payload.get("server", {}).get("uuid")
+            target = uuid or payload_uuid(payload)
             if target is None:
                 self._reject(command_id, None, payload, now, "command names no server")
                 done += 1
@@ -152,59 +208,109 @@ class CellService:
             if target in self._busy:
                 continue  # in order per server: wait for the command in flight
             done += self._start(command_id, target, payload, now)
-        # A phase whose delay is zero completes within the same step.
-        for job in sorted(self._jobs.values(), key=lambda j: (j.due, j.command_id)):
-            if job.due <= now:
-                self._finish(job, now)
+        # Phases whose delay is zero complete within the same step.
+        return done + self._run_due(now)
+
+    def _run_due(self, now: float) -> int:
+        done = 0
+        while True:
+            due = sorted((j for j in self._jobs.values() if j.due <= now),
+                         key=lambda j: (j.due, j.command_id))
+            if not due:
+                return done
+            for job in due:
+                self._advance(job, now)
                 done += 1
-        return done
 
     def next_due(self) -> float | None:
         """When the earliest phase in flight falls due (None: nothing in flight)."""
         return min((j.due for j in self._jobs.values()), default=None)
 
-    # -- phase 1 ---------------------------------------------------------------------------
+    # -- taking a command ------------------------------------------------------------------
     def _start(self, command_id: str, uuid: str, payload: dict[str, Any], now: float) -> int:
-        action = payload.get("action")
+        action = str(payload.get("action"))
         if action == "create":
             return self._start_create(command_id, uuid, payload, now)
-        tr = TRANSITIONS.get(str(action))
+        spec = ACTIONS.get(action)
         rows = self.db.load_instance(uuid)
-        if tr is None or rows is None:
-            why = f"unknown action {action!r}" if tr is None else f"no instance {uuid}"
+        if spec is None or rows is None or rows["instance"]["deleted_at"] is not None:
+            why = (f"unknown action {action!r}" if spec is None else
+                   f"no instance {uuid}" if rows is None else f"instance {uuid} is deleted")
             self._reject(command_id, uuid if rows else None, payload, now, why)
             return 1
         inst = rows["instance"]
-        resuming = inst["task_state"] == self._task_state(tr, payload)
-        if not resuming and (inst["vm_state"] not in tr.allowed or inst["task_state"]):
+        task_states = self._task_states(action, spec, payload)
+        resuming = inst["task_state"] is not None and inst["task_state"] in task_states
+        if not resuming and ((spec.allowed is not None and inst["vm_state"] not in spec.allowed)
+                             or (spec.idle and inst["task_state"] is not None)):
             self._reject(command_id, uuid, payload, now,
                          f"Cannot '{action}' instance {uuid} while it is in vm_state"
                          f" {inst['vm_state']}, task_state {inst['task_state']}")
             return 1
-        with self.db.transaction():
-            self.db.update_instance(uuid, task_state=self._task_state(tr, payload),
-                                    updated_at=_us(now))
-            action_id, event_id = self._begin_action(uuid, command_id, str(action), tr.event,
-                                                     payload, inst, now)
-        self._track(_Job(command_id, uuid, str(action), now + self.driver.action_delay,
-                         action_id, event_id, payload, extra={"prior": inst["vm_state"]}))
+        try:
+            if not task_states:
+                self._one_phase(command_id, uuid, action, spec, payload, rows, now)
+                return 1
+            stage = task_states.index(inst["task_state"]) if resuming else 0
+            with self.db.transaction():
+                if not resuming:
+                    self._prepare(action, uuid, command_id, payload, rows, now)
+                    self.db.update_instance(uuid, task_state=task_states[0], updated_at=_us(now))
+                action_id, event_id = self._begin_action(uuid, command_id, action,
+                                                         spec.event, payload, inst, now)
+        except Refused as e:
+            self._reject(command_id, uuid, payload, now, str(e))
+            return 1
+        except DriverFault as e:
+            self._fail_unchanged(command_id, uuid, action, payload, inst, now, e)
+            return 1
+        self._track(_Job(command_id, uuid, action, now + self.driver.action_delay, action_id,
+                         event_id, payload, task_states=task_states, stage=stage,
+                         extra={"prior": inst["vm_state"], "power": inst["power_state"]}))
         return 1
 
     @staticmethod
-    def _task_state(tr: Transition, payload: dict[str, Any]) -> str:
-        if tr.call == "reboot" and str(payload.get("type", "SOFT")).upper() == "HARD":
-            return "rebooting_hard"
-        return tr.task_state
+    def _task_states(action: str, spec: Action, payload: dict[str, Any]) -> tuple[str, ...]:
+        if action == "reboot" and str(payload.get("type", "SOFT")).upper() == "HARD":
+            return ("rebooting_hard",)
+        return spec.task_states
+
+    def _prepare(self, action: str, uuid: str, command_id: str, payload: dict[str, Any],
+                 rows: dict[str, Any], now: float) -> None:
+        """What a multi-phase command does when taken, inside its first transaction."""
+        if action == "resize":
+            flavor = payload.get("flavor")
+            if not isinstance(flavor, dict) or rows["flavor"] is None:
+                raise Refused("resize: no flavor snapshot in the command")
+            try:
+                host, node = self.driver.resize_claim(uuid, flavor)
+            except KeyError as e:
+                raise Refused(f"resize: invalid flavor, missing {e}") from None
+            self.db.start_migration(uuid, command_id, rows["instance"]["host"], host, node,
+                                    _record_flavor(rows["flavor"]), flavor, at=_us(now))
+            self._write_hosts(self.driver.hosts_of(uuid))
+        elif action == "rebuild":
+            if not isinstance(payload.get("image_ref"), str):
+                raise Refused("rebuild: no image_ref in the command")
+        elif action == "revertResize":
+            if self.db.active_migration(uuid) is None:
+                raise Refused(f"instance {uuid} has no resize to revert")
 
     def _start_create(self, command_id: str, uuid: str, payload: dict[str, Any],
                       now: float) -> int:
-        server = dict(payload.get("server") or {})
+        server = {k: v for k, v in dict(payload.get("server") or {}).items() if k in _CREATE_KEYS}
+        ignored = set(payload.get("server") or {}) - _CREATE_KEYS
+        if ignored:
+            log.warning("cell %s: create %s: ignoring field(s) %s", self.name, uuid,
+                        sorted(ignored))
         server["uuid"] = uuid
         existing = self.db.load_instance(uuid)
         spawned: Spawned | None = None
         fault: DriverFault | None = None
+        host = payload.get("host")
         try:
-            spawned = self.driver.spawn(uuid, server.get("flavor") or {})
+            spawned = self.driver.spawn(uuid, server.get("flavor") or {},
+                                        host if isinstance(host, str) else None)
         except DriverFault as e:
             fault = e
         except KeyError as e:
@@ -232,28 +338,82 @@ class CellService:
         except (CellDBError, KeyError) as e:
             if spawned is not None:
                 self._release(uuid)
-            log.warning("cell %s: create %s refused: %s", self.name, uuid, e)
+            # Only a payload the cell cannot make a server of (no flavor...) ends here.
+            log.error("cell %s: create %s refused: %s", self.name, uuid, e)
             self._reject(command_id, None, payload, now, str(e))
             return 1
         self._track(_Job(command_id, uuid, "create", now + self.driver.build_delay, action_id,
                          event_id, payload, spawned=spawned, fault=fault))
         return 1
 
-    def _begin_action(self, uuid: str, command_id: str, action: str, event: str,
+    def _begin_action(self, uuid: str, command_id: str, action: str, event: str | None,
                       payload: dict[str, Any], inst: dict[str, Any],
                       now: float) -> tuple[int, int]:
         action_id = self.db.record_action(
             uuid, command_id, action, str(payload.get("project_id") or inst["project_id"]),
             str(payload.get("user_id") or inst["user_id"]), start_time=_us(now))
-        event_id = self.db.add_action_event(action_id, event, start_time=_us(now))
+        event_id = 0
+        if event is not None:
+            event_id = self.db.open_action_event(action_id, event, start_time=_us(now))
         return action_id, event_id
 
     def _track(self, job: _Job) -> None:
         self._jobs[job.command_id] = job
         self._busy.add(job.uuid)
 
-    # -- phase 2 ---------------------------------------------------------------------------
-    def _finish(self, job: _Job, now: float) -> None:
+    # -- one-phase commands ----------------------------------------------------------------
+    def _one_phase(self, command_id: str, uuid: str, action: str, spec: Action,
+                   payload: dict[str, Any], rows: dict[str, Any], now: float) -> None:
+        ts = _us(now)
+        inst = rows["instance"]
+        with self.db.transaction():
+            if action == "lock":
+                reason = payload.get("reason")
+                self.db.update_instance(uuid, locked=True,
+                                        locked_by=str(payload.get("locked_by") or "owner"),
+                                        locked_reason=reason if isinstance(reason, str) else None,
+                                        updated_at=ts)
+            elif action == "unlock":
+                self.db.update_instance(uuid, locked=False, locked_by=None, locked_reason=None,
+                                        updated_at=ts)
+            elif action == "update":
+                fields = {k: payload[k] for k in _UPDATE_FIELDS if k in payload}
+                if "name" in fields and not isinstance(fields["name"], str):
+                    raise Refused("update: name must be a string")
+                self.db.update_instance(uuid, updated_at=ts, **fields)
+            elif action == "metadata":
+                self.db.set_metadata(uuid, _metadata_op(rows["metadata"], payload))
+            elif action == "tags":
+                self.db.set_tags(uuid, _tags_op(rows["tags"], payload))
+            elif action == "confirmResize":
+                hosts = self.driver.confirm_resize(uuid)
+                mig = self.db.active_migration(uuid)
+                if mig is not None:
+                    self.db.set_migration_status(uuid, mig["request_id"], "confirmed", at=ts)
+                self.db.update_instance(uuid, vm_state=_settled(inst["power_state"]),
+                                        task_state=None, updated_at=ts)
+                self._write_hosts(hosts)
+            if spec.record:
+                action_id, event_id = self._begin_action(uuid, command_id, action, spec.event,
+                                                         payload, inst, now)
+                if event_id:
+                    self.db.finish_action_event(event_id, "Success", None, finish_time=ts)
+                self.db.finish_action(action_id, finish_time=ts)
+            self.db.finish_command(command_id, "done")
+
+    # -- later phases ----------------------------------------------------------------------
+    def _advance(self, job: _Job, now: float) -> None:
+        if job.action != "create" and job.stage + 1 < len(job.task_states):
+            job.stage += 1
+            ts = _us(now)
+            with self.db.transaction():
+                self.db.update_instance(job.uuid, task_state=job.task_states[job.stage],
+                                        updated_at=ts)
+                if job.action == "resize":
+                    status = ("migrating", "post-migrating")[min(job.stage - 1, 1)]
+                    self.db.set_migration_status(job.uuid, job.command_id, status, at=ts)
+            job.due = now + self.driver.action_delay
+            return
         if job.action == "create":
             self._finish_create(job, now)
         else:
@@ -281,38 +441,89 @@ class CellService:
 
     def _finish_action(self, job: _Job, now: float) -> None:
         ts = _us(now)
-        tr = TRANSITIONS[job.action]
-        call: Callable[..., Any] = getattr(self.driver, tr.call)
         fault: DriverFault | None = None
-        host: str | None = None
+        hosts: list[str] = []
         try:
-            if tr.call == "reboot":
-                call(job.uuid, hard=self._task_state(tr, job.payload) == "rebooting_hard")
-            elif tr.call == "destroy":
-                host = call(job.uuid)
-            else:
-                call(job.uuid)
+            hosts = self._last_call(job)
         except DriverFault as e:
             fault = e
         with self.db.transaction():
             if fault is not None:
-                self.db.update_instance(job.uuid, vm_state="error", task_state=None,
+                # A failed snapshot leaves the server as it was (Nova resets the task only).
+                vm_state = job.extra["prior"] if job.action == "createImage" else "error"
+                self.db.update_instance(job.uuid, vm_state=vm_state, task_state=None,
                                         updated_at=ts)
                 self.db.add_fault(job.uuid, fault.code, fault.message, fault.details,
                                   None, created_at=ts)
-            elif tr.call == "destroy":
-                self.db.delete_instance(job.uuid, deleted_at=ts)
-                if host is not None:
-                    self._write_host_of(host)
             else:
-                self.db.update_instance(job.uuid, vm_state=tr.vm_state, task_state=None,
-                                        power_state=tr.power_state, updated_at=ts)
+                self._last_phase(job, ts)
+                self._write_hosts(hosts)
             self._close_action(job, ts, fault)
             self.db.finish_command(job.command_id, "failed" if fault else "done")
 
+    def _last_call(self, job: _Job) -> list[str]:
+        """The driver's work of the last phase; the hosts whose usage it changed."""
+        spec = ACTIONS[job.action]
+        if job.action == "reboot":
+            self.driver.reboot(job.uuid, hard=job.task_states == ("rebooting_hard",))
+        elif job.action == "delete":
+            hosts = self.driver.hosts_of(job.uuid)
+            self.driver.destroy(job.uuid)
+            return hosts
+        elif spec.call:
+            call: Callable[[str], Any] = getattr(self.driver, spec.call)
+            call(job.uuid)
+        elif job.action == "revertResize":
+            return self.driver.revert_resize(job.uuid)
+        elif job.action == "rebuild":
+            self.driver.rebuild(job.uuid)
+        elif job.action == "createImage":
+            self.driver.snapshot(job.uuid)
+        return []
+
+    def _last_phase(self, job: _Job, ts: int) -> None:
+        """The state change of a successful last phase (inside its transaction)."""
+        spec = ACTIONS[job.action]
+        uuid, p = job.uuid, job.payload
+        if job.action == "delete":
+            self.db.delete_instance(uuid, deleted_at=ts)
+        elif spec.vm_state:
+            self.db.update_instance(uuid, vm_state=spec.vm_state, task_state=None,
+                                    power_state=spec.power_state, updated_at=ts)
+        elif job.action == "resize":
+            mig = self.db.active_migration(uuid)
+            if mig is None:
+                raise CellDBError(f"resize of {uuid}: its migration is gone")
+            self.db.set_flavor(uuid, mig["new_flavor"])
+            self.db.update_instance(uuid, vm_state="resized", task_state=None,
+                                    host=mig["dest_host"], node=mig["dest_node"], updated_at=ts)
+            self.db.set_migration_status(uuid, job.command_id, "finished", at=ts)
+        elif job.action == "revertResize":
+            mig = self.db.active_migration(uuid)
+            fields: dict[str, Any] = {}
+            if mig is not None:
+                self.db.set_flavor(uuid, mig["old_flavor"])
+                src = self.db.host(mig["source_host"]) if mig["source_host"] else None
+                fields = {"host": mig["source_host"], "node": src["node"] if src else None}
+                self.db.set_migration_status(uuid, mig["request_id"], "reverted", at=ts)
+            self.db.update_instance(uuid, vm_state=_settled(job.extra["power"]),
+                                    task_state=None, updated_at=ts, **fields)
+        elif job.action == "rebuild":
+            stopped = job.extra["prior"] == "stopped"  # Nova keeps a stopped server stopped
+            fields = {k: p[k] for k in ("name", "description") if isinstance(p.get(k), str)}
+            self.db.update_instance(uuid, image_ref=p["image_ref"],
+                                    vm_state="stopped" if stopped else "active",
+                                    power_state=SHUTDOWN if stopped else RUNNING,
+                                    task_state=None, launched_at=ts, updated_at=ts, **fields)
+            if isinstance(p.get("metadata"), dict):
+                self.db.set_metadata(uuid, {str(k): str(v) for k, v in p["metadata"].items()})
+        elif job.action == "createImage":
+            self.db.update_instance(uuid, task_state=None, updated_at=ts)
+
     def _close_action(self, job: _Job, ts: int, fault: DriverFault | None) -> None:
-        self.db.finish_action_event(job.event_id, "Error" if fault else "Success",
-                                    None if fault is None else fault.message, finish_time=ts)
+        if job.event_id:
+            self.db.finish_action_event(job.event_id, "Error" if fault else "Success",
+                                        None if fault is None else fault.message, finish_time=ts)
         self.db.finish_action(job.action_id, message="Error" if fault else None,
                               finish_time=ts)
 
@@ -337,16 +548,39 @@ class CellService:
                     self.db.finish_action(action_id, message="Error", finish_time=ts)
             self.db.finish_command(command_id, "failed")
 
+    def _fail_unchanged(self, command_id: str, uuid: str, action: str,
+                        payload: dict[str, Any], inst: dict[str, Any], now: float,
+                        fault: DriverFault) -> None:
+        """The driver refused when taken (a resize with no room): a fault, no state change."""
+        ts = _us(now)
+        log.info("cell %s: %s of %s failed: %s", self.name, action, uuid, fault.message)
+        with self.db.transaction():
+            self.db.add_fault(uuid, fault.code, fault.message, fault.details, None,
+                              created_at=ts)
+            action_id, event_id = self._begin_action(uuid, command_id, action,
+                                                     ACTIONS[action].event, payload, inst, now)
+            if event_id:
+                self.db.finish_action_event(event_id, "Error", fault.message, finish_time=ts)
+            self.db.finish_action(action_id, message="Error", finish_time=ts)
+            self.db.finish_command(command_id, "failed")
+
     def _release(self, uuid: str) -> None:
-        host = self.driver.destroy(uuid)
-        if host is not None:
+        hosts = self.driver.hosts_of(uuid)
+        self.driver.destroy(uuid)
+        if hosts:
             with self.db.transaction():
-                self._write_host_of(host)
+                self._write_hosts(hosts)
+
+    def _write_hosts(self, names: list[str]) -> None:
+        if not names:
+            return
+        wanted = set(names)
+        for usage in self.driver.hosts():
+            if usage.spec.name in wanted:
+                self._write_host(usage)
 
     def _write_host_of(self, host: str) -> None:
-        for usage in self.driver.hosts():
-            if usage.spec.name == host:
-                self._write_host(usage)
+        self._write_hosts([host])
 
     def _write_host(self, usage: HostUsage) -> None:
         spec = usage.spec
@@ -354,3 +588,45 @@ class CellService:
                             spec.az)
         self.db.set_host_usage(spec.name, usage.vcpus_used, usage.ram_mb_used,
                                usage.disk_gb_used)
+
+
+# -- payload helpers ------------------------------------------------------------------------------
+def _settled(power_state: int) -> str:
+    """The vm_state a server settles in after confirming or reverting a resize."""
+    return "stopped" if power_state == SHUTDOWN else "active"
+
+
+def _record_flavor(f: dict[str, Any]) -> dict[str, Any]:
+    """The flavor snapshot of ``load_instance`` (cell columns) in the record's keys."""
+    return {"id": str(f["flavor_id"]), "name": f["name"], "vcpus": f["vcpus"],
+            "ram": f["memory_mb"], "disk": f["root_gb"], "ephemeral": f["ephemeral_gb"],
+            "swap": f["swap"], "extra_specs": dict(f["extra_specs"])}
+
+
+def _metadata_op(current: dict[str, str], p: dict[str, Any]) -> dict[str, str]:
+    op = p.get("op")
+    if op in ("replace", "merge"):
+        md = p.get("metadata")
+        if not isinstance(md, dict):
+            raise Refused(f"metadata {op}: no metadata map")
+        new = {str(k): str(v) for k, v in md.items()}
+        return new if op == "replace" else {**current, **new}
+    if op == "set" and isinstance(p.get("key"), str):
+        return {**current, p["key"]: str(p.get("value"))}
+    if op == "delete" and isinstance(p.get("key"), str):
+        return {k: v for k, v in current.items() if k != p["key"]}
+    raise Refused(f"metadata: bad op {op!r}")
+
+
+def _tags_op(current: list[str], p: dict[str, Any]) -> list[str]:
+    op = p.get("op")
+    if op == "replace" and isinstance(p.get("tags"), list):
+        return [str(t) for t in p["tags"]]
+    if op == "add" and isinstance(p.get("tag"), str):
+        return [*current, p["tag"]]
+    if op == "delete" and isinstance(p.get("tag"), str):
+        return [t for t in current if t != p["tag"]]
+    if op == "clear":
+        return []
+    raise Refused(f"tags: bad op {op!r}")
+
