@@ -3,46 +3,108 @@
 :class:`CellSync` tails the change feed of every configured cell (DESIGN.md "Sync
 correctness"; research notes P1-P14):
 
-- ``sync_once(cell)``: read the cell's cursor from the store (one read transaction), read
-  at most ``batch`` feed entries after it, keep one entry per server (the latest), load and
-  project each server's *current* rows (:mod:`cellsync.projection`), and apply them in ONE
+- ``sync_once(cell)``: read the cell's cursor and its ``cells`` entry from the store (one
+  read transaction), then ONE cell read (:meth:`CellDB.read_feed`: the entries after the
+  cursor with the feed's bounds, epoch and hosts version, in one snapshot); keep one entry
+  per server (the latest), load every such server's *current* rows in one more cell read
+  (``load_instances``), project them (:mod:`cellsync.projection`) and apply them in ONE
   store write transaction together with the cursor ``(cell, last seq)`` (P3: a kill at any
-  point loses nothing; a replay is dropped by the version rule, P2).
-- Gap and regression detection (P8/P9): a cursor below ``min_seq() - 1`` means the cell
-  pruned feed entries this consumer never read; a cursor above ``max_seq()`` means the
-  cell's feed went backwards (restored from a backup, or replaced).  Either way the cell is
-  resynced instead of tailed: never a silent loss.
-- ``resync(cell)``: anti-entropy from a full scan.  ``max_seq()`` is read *before* the scan
-  (every change up to it is reflected in the scan, since the scan reads later state; later
-  ones are tailed afterwards and are harmless duplicates).  Every server of the cell is
-  projected and applied in batches with ``repair=True`` (the store accepts servers older
-  than its tombstone horizon); the last batch sets the cursor with ``reset_cursor=True``
-  (it may be lower than the saved one after a regression).  Servers the store holds for
-  this cell that the cell no longer has at all ("orphans") get a tombstone at their own
-  version (a tombstone wins a version tie), so they disappear.  Orphans are found by
-  walking the store's ``by_cell`` index (only this cell's servers).  Records of version 0
-  are the API's provisional BUILD records (P6) that the cell may not have received yet:
-  they are never tombstoned here.
+  point loses nothing; a replay is dropped by the version rule, P2) and, when the cell's
+  hosts or epoch moved, the cell's entry in the store's ``cells`` database.
+- Batches are bounded in time as well as in size: the API's commands wait for the same
+  single LMDB writer, so when a transaction takes longer than ``txn_budget`` the next batch
+  of that cell shrinks in proportion; it grows back (doubling, up to ``batch``) while
+  transactions stay under half the budget.
+- Gap and regression detection (P8/P9): a cursor below ``min_seq - 1`` means the cell
+  pruned feed entries this consumer never read (a *gap*: resync).  A cursor above
+  ``max_seq``, or a store that knows a higher epoch than the cell has, means the cell went
+  back in time (restored from a backup, or replaced): a *regression*, repaired with a new
+  epoch (below).  A cell whose epoch is higher than the one the store knows was moved to a
+  new epoch by another consumer: resync.  Never a silent loss.
+- ``resync(cell)``: anti-entropy from a full scan.  The feed state is read *before* the
+  scan (every change up to ``max_seq`` is reflected in the scan, since the scan reads later
+  state; later ones are tailed afterwards and are harmless duplicates).  Every server of
+  the cell is projected and applied in batches with ``repair=True`` (the store accepts
+  servers older than its tombstone horizon); the last batch sets the cursor with
+  ``reset_cursor=True`` (it may be lower than the saved one after a regression) and the
+  cell's ``cells`` entry.  Servers the store holds for this cell that the cell does not
+  have at all ("orphans", found through the store's ``by_cell`` index) get a tombstone at
+  their own version (a tombstone wins a version tie), so they disappear.  Records of
+  version 0 are the API's provisional BUILD records (P6) that the cell may not have
+  received yet: they are never tombstoned here.
 
-Known limit: a cell restored from a backup also moves its per-server versions backwards;
-resync then cannot replace a store record that carries a higher (lost) version.  That needs
-a cell epoch in the version (future work); ``fastpath verify`` reports such servers.
+Cell epochs
+-----------
+A cell restored from a backup moves its feed *and its per-server versions* backwards: the
+store still holds the higher versions the cell produced after the backup, so the restored
+cell's own changes would lose to them (and its servers' later updates with them).  A
+version therefore carries the cell's *epoch* in its high bits: ``version = epoch << 40 |
+counter`` (:data:`fastpath.cell.db.EPOCH_SHIFT`; epoch 0 = plain counters).  On a
+regression cellsync asks the cell to start a new epoch (:meth:`CellDB.start_epoch`) above
+both the epoch the store recorded for the cell and the epoch of the highest version the
+store holds from it; in one cell transaction every server's version becomes ``new epoch
+<< 40 | 1`` and gets a feed entry.  The resync that follows then replaces every store
+record of the cell (the cell is the truth: servers deleted after the backup but present in
+the restored cell come back, as the cell says), tombstones the servers the restored cell
+does not have, and every later change of the cell wins as usual.  The store records the
+cell's epoch in its ``cells`` entry, so every other consumer (another API host) sees the
+cell's epoch move and resyncs too.
+
+Consumers and feed pruning
+--------------------------
+After a store commit, cellsync reports its cursor to the cell (:meth:`CellDB.ack`, at most
+every ``ack_interval`` seconds; it may lag, which only delays pruning).  The cell prunes
+entries every live consumer has applied (``CellDB.prune_acked``); a consumer silent for
+longer than ``cell.consumer_timeout`` holds nothing back and resyncs on return (gap).
+
+Host capacity
+-------------
+The cell's ``hosts`` rows reach the store's ``cells`` database (``Reader.cells()``:
+``{name: {name, epoch, hosts_version, hosts: {host: {vcpus, ram_mb, disk_gb, vcpus_used,
+ram_mb_used, disk_gb_used, status, availability_zone}}}}``), in the same write transaction
+as a batch, whenever the cell's ``hosts_version`` moved; a cell gets its entry at the first
+round cellsync sees it, so the API knows every cell before capacity changes.
+
+A restored cell is recognised (a *regression*) when its feed is behind the store's cursor,
+when its epoch is behind the one the store recorded, or when the feed entry at the
+store's cursor is not the one applied: the store keeps, with the cursor, the commit time
+of that entry (``Batch.cursor_mark``), and a restored cell that has since committed past
+the cursor has a different entry there.  Known limit: if the cell has also pruned that
+entry (it waits for this consumer's ack, so only after ``cell.consumer_timeout``), the
+restore goes unnoticed; ``fastpath verify`` reports the servers it affects.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterator, Mapping
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from cellsync.projection import project_change
+from cellsync.projection import ProjectionError, project_change
 from fastpath.api.views import render_server
-from fastpath.cell.db import CellDB
-from fastpath.store import ApplySummary, Batch, Reader, Store, Tombstone, Upsert
+from fastpath.cell.db import EPOCH_SHIFT, CellDB, Feed
+from fastpath.store import (
+    ApplySummary,
+    Batch,
+    Catalog,
+    CatalogPut,
+    Reader,
+    Store,
+    Tombstone,
+    Upsert,
+)
 from fastpath.store import layout as L
 from fastpath.store.record import now_us
 
 log = logging.getLogger("cellsync")
+
+HOST_FIELDS = ("vcpus", "ram_mb", "disk_gb", "vcpus_used", "ram_mb_used", "disk_gb_used",
+               "status", "availability_zone")
+MIN_BATCH = 8  # the time budget never shrinks a batch below this
 
 
 @dataclass
@@ -54,14 +116,31 @@ class SyncResult:
     servers: int = 0  # servers projected and applied (after dedupe)
     cursor: int | None = None  # the cell's cursor in the store afterwards
     resynced: bool = False
-    reason: str = ""  # why a resync ran ("gap", "regression", "requested")
+    reason: str = ""  # why a resync ran ("gap", "regression", "epoch", "requested")
     orphans: int = 0  # store servers of the cell that the cell no longer has
     missing: int = 0  # feed entries whose server has no row any more (skipped)
+    errors: int = 0  # servers whose rows could not be projected (logged, skipped)
+    epoch: int | None = None  # the new epoch this call made the cell start
+    hosts: bool = False  # the cell's entry (hosts, epoch) was written
     summaries: list[ApplySummary] = field(default_factory=list)
 
     @property
     def applied(self) -> int:
         return sum(s.applied + s.tombstoned for s in self.summaries)
+
+
+@dataclass
+class CellStats:
+    """Per-cell figures kept by :class:`CellSync` (see :meth:`CellSync.stats`)."""
+
+    cursor: int = 0
+    head: int = 0  # the feed's max seq at the last read
+    pending_at: int | None = None  # commit time (µs) of the oldest entry not yet applied
+    applied_total: int = 0
+    resyncs_total: int = 0
+    limit: int = 0  # the current batch size (time budget)
+    acked: int | None = None  # the cursor last reported to the cell
+    acked_when: float = 0.0
 
 
 def store_servers_of(r: Reader, cell: str) -> Iterator[tuple[str, int, str, int]]:
@@ -73,60 +152,184 @@ def store_servers_of(r: Reader, cell: str) -> Iterator[tuple[str, int, str, int]
         yield L.uuid_str(u), head.version, head.project_id, head.created_at
 
 
-class CellSync:
-    """Feed tailing and resync of a set of cells into one store (one thread)."""
+def default_consumer(store_path: str) -> str:
+    """This API host's consumer name: host name and a digest of the store's path."""
+    digest = hashlib.sha256(store_path.encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}:{digest}"
 
-    def __init__(self, store: Store, cells: Mapping[str, CellDB], batch: int = 1000) -> None:
+
+def cell_entry(cell: str, feed: Feed, hosts: Mapping[str, Mapping[str, Any]],
+               known: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The cell's value in the store's ``cells`` database (keys of others are kept)."""
+    return {
+        **(known or {}),
+        "name": cell,
+        "epoch": feed.epoch,
+        "hosts_version": feed.hosts_version,
+        "hosts": {name: {k: h.get(k) for k in HOST_FIELDS} for name, h in hosts.items()},
+    }
+
+
+class CellSync:
+    """Feed tailing and resync of a set of cells into one store (one thread).
+
+    ``cells`` may grow while it runs (``sync.cells[name] = db``).
+    """
+
+    def __init__(self, store: Store, cells: Mapping[str, CellDB], batch: int = 500, *,
+                 txn_budget: float = 0.020, consumer: str | None = None,
+                 ack_interval: float = 1.0, clock: Callable[[], float] = time.time) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
         self.store = store
-        self.cells = dict(cells)
+        self.cells: dict[str, CellDB] = dict(cells)
         self.batch = batch
+        self.txn_budget = txn_budget
+        self.consumer = consumer or default_consumer(store.path)
+        self.ack_interval = ack_interval
+        self.clock = clock
+        self._stats: dict[str, CellStats] = {}
 
-    def _apply(self, batch: Batch) -> ApplySummary:
-        return self.store.apply(batch, render=render_server)
+    @classmethod
+    def from_settings(cls, store: Store, cells: Mapping[str, CellDB],
+                      settings: Mapping[str, Any]) -> CellSync:
+        return cls(store, cells, settings["cellsync.batch"],
+                   txn_budget=settings["cellsync.txn_budget_ms"] / 1000.0,
+                   consumer=settings["cellsync.consumer"] or None,
+                   ack_interval=settings["cellsync.ack_interval"])
+
+    def _state(self, cell: str) -> CellStats:
+        st = self._stats.get(cell)
+        if st is None:
+            st = self._stats[cell] = CellStats(limit=self.batch)
+        return st
 
     def cursor(self, cell: str) -> int:
         with self.store.read() as r:
             c = r.cursor(cell)
         return 0 if c is None else c
 
-    # -- tailing ---------------------------------------------------------------------------
-    def sync_once(self, cell: str) -> SyncResult:
-        db = self.cells[cell]
-        cursor = self.cursor(cell)
-        if cursor < db.min_seq() - 1:
-            log.warning("cell %s: feed pruned past cursor %d (min seq %d): resync",
-                        cell, cursor, db.min_seq())
-            return self.resync(cell, reason="gap")
-        top = db.max_seq()
-        if cursor > top:
-            log.warning("cell %s: cursor %d is past the feed's max seq %d: resync",
-                        cell, cursor, top)
-            return self.resync(cell, reason="regression")
-        entries = db.changes_after(cursor, self.batch)
-        res = SyncResult(cell, entries=len(entries), cursor=cursor)
-        if not entries:
-            return res
-        if entries[0][0] > cursor + 1 and db.min_seq() > cursor + 1:
-            # Entries after the cursor were pruned between min_seq() and changes_after().
-            return self.resync(cell, reason="gap")
-        latest: dict[str, int] = {}
-        for seq, uuid, _version, _kind in entries:
-            latest[uuid] = seq  # dict order: by first appearance; the rows are current anyway
+    # -- statistics ------------------------------------------------------------------------
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per cell: ``cursor``, ``head`` (max seq seen), ``lag_seqs``, ``lag_seconds`` (age of
+        the oldest feed entry not yet applied, by its commit time; 0 when caught up),
+        ``applied_total``, ``resyncs_total`` (for /metrics)."""
+        now = self.clock()
+        out: dict[str, dict[str, Any]] = {}
+        for cell in self.cells:
+            st = self._state(cell)
+            behind = st.head > st.cursor
+            lag = 0.0
+            if behind and st.pending_at is not None:
+                lag = round(max(0.0, now - st.pending_at / 1e6), 6)
+            out[cell] = {
+                "cursor": st.cursor,
+                "head": st.head,
+                "lag_seqs": max(0, st.head - st.cursor),
+                "lag_seconds": lag,
+                "applied_total": st.applied_total,
+                "resyncs_total": st.resyncs_total,
+            }
+        return out
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _apply(self, st: CellStats, batch: Batch) -> ApplySummary:
+        """One write transaction; adjusts the cell's batch size to the time budget."""
+        t0 = time.perf_counter()
+        summary = self.store.apply(batch, render=render_server)
+        took = time.perf_counter() - t0
+        if took > self.txn_budget and st.limit > MIN_BATCH:
+            st.limit = max(MIN_BATCH, int(st.limit * self.txn_budget / took))
+        elif took < self.txn_budget / 2 and st.limit < self.batch:
+            st.limit = min(self.batch, st.limit * 2)
+        st.applied_total += summary.applied + summary.tombstoned
+        return summary
+
+    def _project(self, cell: str, db: CellDB, uuids: Sequence[str],
+                 res: SyncResult) -> list[Upsert | Tombstone]:
+        """The current change of each server, rows read in one cell read when possible."""
+        many = getattr(db, "load_instances", None)
+        if callable(many):
+            loaded: Mapping[str, Any] = many(uuids)
+            rows_of: Callable[[str], Any] = loaded.get
+        else:
+            rows_of = db.load_instance
         changes: list[Upsert | Tombstone] = []
-        for uuid in latest:
-            rows = db.load_instance(uuid)
+        for uuid in uuids:
+            rows = rows_of(uuid)
             if rows is None:
                 res.missing += 1
                 log.warning("cell %s: feed names %s but the cell has no such server", cell, uuid)
                 continue
-            changes.append(project_change(rows, cell))
-        last = entries[-1][0]
-        summary = self._apply(Batch(changes, cursor=(cell, last)))
-        res.servers = len(changes)
-        res.cursor = summary.cursor if summary.cursor is not None else last
-        res.summaries.append(summary)
+            try:
+                changes.append(project_change(rows, cell))
+            except ProjectionError as exc:
+                # One bad server must not stop the cell; verify reports it until fixed.
+                res.errors += 1
+                log.error("cell %s: server %s cannot be projected: %s", cell, uuid, exc)
+        return changes
+
+    def _maybe_ack(self, cell: str, db: CellDB, st: CellStats) -> None:
+        now = self.clock()
+        if st.acked == st.cursor or now - st.acked_when < self.ack_interval:
+            return
+        try:
+            db.ack(self.consumer, st.cursor)
+        except Exception as exc:  # noqa: BLE001 - a busy cell delays pruning, nothing else
+            log.warning("cell %s: cannot record consumer cursor: %s", cell, exc)
+            return
+        st.acked, st.acked_when = st.cursor, now
+
+    # -- tailing ---------------------------------------------------------------------------
+    def sync_once(self, cell: str) -> SyncResult:
+        db = self.cells[cell]
+        st = self._state(cell)
+        with self.store.read() as r:
+            c = r.cursor(cell)
+            mark = r.cursor_mark(cell)
+            known = r.cell(cell)
+        cursor = 0 if c is None else c
+        limit = st.limit
+        feed = db.read_feed(cursor, limit + 1)
+        st.cursor, st.head = cursor, feed.max_seq
+        known_epoch = None if known is None else int(known.get("epoch", 0))
+        # The entry at the cursor is not the one applied: the feed was rewritten from there.
+        rewritten = bool(mark and feed.after_at and feed.after_at != mark)
+        if (cursor > feed.max_seq or rewritten
+                or (known_epoch is not None and known_epoch > feed.epoch)):
+            log.warning("cell %s: went back (cursor %d, feed max %d, entry at cursor %s,"
+                        " epoch %d, store knew %s): new epoch and resync", cell, cursor,
+                        feed.max_seq, "rewritten" if rewritten else "as applied", feed.epoch,
+                        known_epoch)
+            return self.restart_epoch(cell)
+        if known_epoch is not None and known_epoch < feed.epoch:
+            log.warning("cell %s: now in epoch %d (store knew %d): resync",
+                        cell, feed.epoch, known_epoch)
+            return self.resync(cell, reason="epoch")
+        if cursor < feed.min_seq - 1:
+            log.warning("cell %s: feed pruned past cursor %d (min seq %d): resync",
+                        cell, cursor, feed.min_seq)
+            return self.resync(cell, reason="gap")
+        entries = feed.entries[:limit]
+        res = SyncResult(cell, entries=len(entries), cursor=cursor)
+        puts: list[CatalogPut] = []
+        if (known is None or known.get("hosts_version") != feed.hosts_version
+                or known_epoch != feed.epoch):
+            puts.append(CatalogPut(Catalog.CELLS, cell, cell_entry(cell, feed, db.hosts(), known)))
+            res.hosts = True
+        if entries or puts:
+            uuids = list(dict.fromkeys(e.uuid for e in entries))  # one per server
+            changes = self._project(cell, db, uuids, res)
+            last = entries[-1].seq if entries else None
+            summary = self._apply(st, Batch(changes, cursor=None if last is None else (cell, last),
+                                            catalog=puts, cursor_mark=entries[-1].at if entries else 0))
+            res.servers = len(changes)
+            res.summaries.append(summary)
+            if last is not None:
+                res.cursor = summary.cursor if summary.cursor is not None else last
+        st.cursor = res.cursor or 0
+        st.pending_at = feed.entries[limit].at if len(feed.entries) > limit else None
+        self._maybe_ack(cell, db, st)
         return res
 
     def run_until_idle(self, max_rounds: int = 1_000_000) -> dict[str, int]:
@@ -134,9 +337,9 @@ class CellSync:
         done = {c: 0 for c in self.cells}
         for _ in range(max_rounds):
             busy = False
-            for cell in self.cells:
+            for cell in list(self.cells):
                 r = self.sync_once(cell)
-                done[cell] += r.servers
+                done[cell] = done.get(cell, 0) + r.servers
                 if r.entries or r.resynced:
                     busy = True
             if not busy:
@@ -144,33 +347,58 @@ class CellSync:
         raise RuntimeError(f"cells still busy after {max_rounds} rounds")
 
     # -- anti-entropy ----------------------------------------------------------------------
+    def restart_epoch(self, cell: str) -> SyncResult:
+        """A regression: make the cell start an epoch above anything this store holds from
+        it, then resync (module docstring, "Cell epochs")."""
+        db = self.cells[cell]
+        with self.store.read() as r:
+            known = r.cell(cell)
+            top = max((h.version for _, h in r.cell_servers(cell)), default=0)
+        at_least = max((top >> EPOCH_SHIFT) + 1, int((known or {}).get("epoch", -1)) + 1)
+        epoch = db.start_epoch(at_least)
+        log.warning("cell %s: started epoch %d", cell, epoch)
+        res = self.resync(cell, reason="regression")
+        res.epoch = epoch
+        return res
+
     def resync(self, cell: str, reason: str = "requested") -> SyncResult:
         db = self.cells[cell]
-        top = db.max_seq()  # BEFORE the scan: everything up to it is in what the scan reads
+        st = self._state(cell)
+        st.resyncs_total += 1
+        feed = db.read_feed(0, 0)  # BEFORE the scan: everything up to max_seq is in it
+        top = feed.max_seq
         res = SyncResult(cell, resynced=True, reason=reason)
         versions = db.all_instance_versions()
         present = {u for u, _, _ in versions}
         with self.store.read() as r:
+            known = r.cell(cell)
             orphans = [
                 Tombstone(u, v, project, created, now_us())
                 for u, v, project, created in store_servers_of(r, cell)
                 if u not in present and v > 0
             ]
         res.orphans = len(orphans)
-        chunk: list[Upsert | Tombstone] = []
-        for i, (uuid, _, _) in enumerate(versions):
-            rows = db.load_instance(uuid)
-            if rows is not None:
-                chunk.append(project_change(rows, cell))
-            if len(chunk) >= self.batch and i < len(versions) - 1:
-                res.summaries.append(self._apply(Batch(chunk, repair=True)))
-                res.servers += len(chunk)
-                chunk = []
-        chunk.extend(orphans)
-        summary = self._apply(Batch(chunk, cursor=(cell, top), reset_cursor=True, repair=True))
-        res.summaries.append(summary)
-        res.servers += len(chunk) - len(orphans)
-        res.cursor = top
+        uuids = [u for u, _, _ in versions]
+        i = 0
+        while True:
+            chunk = uuids[i:i + st.limit]
+            i += len(chunk)
+            changes = self._project(cell, db, chunk, res)
+            res.servers += len(changes)
+            if i < len(uuids):
+                res.summaries.append(self._apply(st, Batch(changes, repair=True)))
+                continue
+            entry = cell_entry(cell, feed, db.hosts(), known)
+            summary = self._apply(st, Batch(
+                [*changes, *orphans], cursor=(cell, top), reset_cursor=True, repair=True,
+                cursor_mark=feed.top_at, catalog=[CatalogPut(Catalog.CELLS, cell, entry)]))
+            res.summaries.append(summary)
+            break
+        res.cursor = st.cursor = top
+        st.head = max(st.head, top)
+        st.pending_at = None
+        res.hosts = True
         log.info("cell %s: resync (%s): %d servers, %d orphans tombstoned, cursor %d",
                  cell, reason, res.servers, res.orphans, top)
+        self._maybe_ack(cell, db, st)
         return res

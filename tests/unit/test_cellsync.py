@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +14,10 @@ import pytest
 from cellsync.sync import CellSync
 from cellsync.verify import summary_line, verify
 from fastpath.cell import SqliteCellDB
-from fastpath.store import Store
+from fastpath.cell.db import EPOCH_SHIFT, Retention
+from fastpath.store import Batch, Store
+from fastpath.store import layout as L
+from fastpath.store.record import now_us
 from fastpath.store.samples import sample_record
 from tests.unit.test_projection import cell_values_of
 
@@ -188,3 +195,221 @@ def test_verify_reports_a_store_behind_then_zero(
     s.run_until_idle()
     checked, div = verify(store, cells)
     assert (checked, div) == (2, [])
+
+
+# -- issue 6, second part: by_cell, consumers, epochs, hosts, stats, time budget -------------
+def backup(db: SqliteCellDB, to: Path) -> None:
+    """A consistent copy of a live cell database (SQLite's online backup)."""
+    src, dst = sqlite3.connect(db.path), sqlite3.connect(str(to))
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+def restore(sync: CellSync, cells: dict[str, SqliteCellDB], name: str, frm: Path) -> SqliteCellDB:
+    """Put a backup in place of a cell's database, as an operator would (cell stopped)."""
+    path = cells[name].path
+    cells[name].close()
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+    shutil.copyfile(frm, path)
+    db = cells[name] = sync.cells[name] = SqliteCellDB(path)
+    return db
+
+
+def test_verify_and_orphans_see_only_the_cells_own_servers(
+        env: tuple[Store, dict[str, SqliteCellDB]]) -> None:
+    store, cells = env
+    a, b = create(cells["cell1"], 1), create(cells["cell2"], 2)
+    s = CellSync(store, cells)
+    s.run_until_idle()
+    with store.read() as r:
+        assert [L.uuid_str(u) for u, _ in r.cell_servers("cell1")] == [a]
+        assert [L.uuid_str(u) for u, _ in r.cell_servers("cell2")] == [b]
+    # cell2's server is not an orphan of cell1: a resync of cell1 leaves it alone.
+    assert s.resync("cell1").orphans == 0
+    checked, div = verify(store, {"cell1": cells["cell1"]})
+    assert (checked, div) == (1, [])
+    assert_clean(store, cells)
+
+
+def test_cells_and_host_capacity_reach_the_store(
+        env: tuple[Store, dict[str, SqliteCellDB]]) -> None:
+    store, cells = env
+    db = cells["cell1"]
+    db.upsert_host("h1", "h1.node", 16, 65536, 1000, "az1")
+    s = CellSync(store, {"cell1": db})
+    res = s.sync_once("cell1")  # no server yet: the cell is known all the same
+    assert res.hosts and res.entries == 0
+    with store.read() as r:
+        entry = r.cells()["cell1"]
+    assert entry["name"] == "cell1" and entry["epoch"] == 0
+    assert entry["hosts"] == {"h1": {"vcpus": 16, "ram_mb": 65536, "disk_gb": 1000,
+                                     "vcpus_used": 0, "ram_mb_used": 0, "disk_gb_used": 0,
+                                     "status": "UP", "availability_zone": "az1"}}
+    assert not s.sync_once("cell1").hosts  # nothing moved: nothing written
+    # Usage and a server change: one write transaction carries both.
+    create(db, 1)
+    db.set_host_usage("h1", 2, 4096, 20)
+    before = store.write_txns
+    res = s.sync_once("cell1")
+    assert res.hosts and res.servers == 1 and store.write_txns == before + 1
+    with store.read() as r:
+        assert r.cells()["cell1"]["hosts"]["h1"]["vcpus_used"] == 2
+        assert r.cursor("cell1") == db.max_seq()
+
+
+def test_cursor_is_acked_and_the_feed_pruned_then_a_stale_consumer_resyncs(
+        env: tuple[Store, dict[str, SqliteCellDB]], tmp_path: Path) -> None:
+    store, cells = env
+    db = cells["cell1"]
+    clock = [1000.0]
+    s = CellSync(store, {"cell1": db}, consumer="api-1", ack_interval=5, clock=lambda: clock[0])
+    for i in range(6):
+        create(db, i)
+    s.run_until_idle()
+    assert db.consumers()["api-1"][0] == 6
+    for i in range(6, 9):
+        create(db, i)
+    s.run_until_idle()
+    assert db.consumers()["api-1"][0] == 6  # acks at most every ack_interval
+    clock[0] += 5
+    s.sync_once("cell1")
+    assert db.consumers()["api-1"][0] == 9
+    # A second API host that went away at seq 3 holds pruning back until it times out.
+    db.ack("api-2", 3)
+    loose = Retention(feed_min_age=0, feed_keep=0, consumer_timeout=60)
+    assert db.prune_acked(now_us() + 1, loose) == 3
+    assert db.prune_acked(now_us() + 61_000_000, loose) == 6 and db.min_seq() == 10
+    # api-2 comes back: its store's cursor (3) is before the feed's start, so it resyncs.
+    other = Store.open(tmp_path / "api2", map_size=64 << 20, sync=False, metasync=False)
+    try:
+        late = CellSync(other, {"cell1": db}, consumer="api-2")
+        other.apply(Batch((), cursor=("cell1", 3)))
+        res = late.sync_once("cell1")
+        assert res.resynced and res.reason == "gap" and res.servers == 9
+        assert verify(other, {"cell1": db})[1] == []
+        assert db.consumers()["api-2"][0] == 9
+    finally:
+        other.close()
+
+
+def test_done_commands_keep_the_last_n(env: tuple[Store, dict[str, SqliteCellDB]]) -> None:
+    store, cells = env
+    db = cells["cell1"]
+    a = create(db, 1)
+    db.maintenance(time.time(), Retention(done_commands_kept=3))
+    for n in range(5):
+        db.accept_command(f"c{n}", {"action": "reboot"}, a)
+        db.finish_command(f"c{n}")
+    CellSync(store, {"cell1": db}).run_until_idle()
+    with store.read() as r:
+        rec = r.get_server(a)
+    assert rec is not None and rec["done_commands"] == ["c2", "c3", "c4"]
+
+
+@pytest.mark.parametrize("new_changes", [1, 40])  # fewer and more than the cell lost
+def test_a_cell_restored_from_a_backup_starts_a_new_epoch(
+        env: tuple[Store, dict[str, SqliteCellDB]], tmp_path: Path, new_changes: int) -> None:
+    store, cells = env
+    db = cells["cell1"]
+    kept, renamed, deleted_later = create(db, 1), create(db, 2), create(db, 3)
+    s = CellSync(store, cells)
+    s.run_until_idle()
+    backup(db, tmp_path / "backup.sqlite")
+    # After the backup: changes the restore will lose, all synced to the store.
+    db.update_instance(renamed, name="lost-name")
+    for _ in range(5):
+        db.update_instance(kept, progress=50)
+    db.delete_instance(deleted_later)
+    born_after = create(db, 4)
+    s.run_until_idle()
+    with store.read() as r:
+        assert r.get_server(born_after) is not None and r.get_server(deleted_later) is None
+    db = restore(s, cells, "cell1", tmp_path / "backup.sqlite")
+    # The restored cell works on: its changes must win over what the store holds.
+    for n in range(new_changes):
+        db.update_instance(renamed, name=f"after-restore-{n}")
+    s.run_until_idle()
+    assert db.epoch() >= 1
+    with store.read() as r:
+        rec = r.get_server(renamed)
+        assert rec is not None and rec["name"] == f"after-restore-{new_changes - 1}"
+        assert rec["version"] >> EPOCH_SHIFT == db.epoch()
+        # The cell is the truth: the server deleted after the backup lives in it again...
+        assert r.get_server(deleted_later) is not None
+        # ...and the one it never had is tombstoned.
+        assert r.get_server(born_after) is None and r.tombstone(born_after) is not None
+        assert r.cells()["cell1"]["epoch"] == db.epoch()
+    assert_clean(store, cells)
+    # Later changes keep winning.
+    db.update_instance(kept, name="later")
+    s.run_until_idle()
+    with store.read() as r:
+        rec = r.get_server(kept)
+        assert rec is not None and rec["name"] == "later"
+    assert_clean(store, cells)
+
+
+def test_an_epoch_started_by_another_consumer_makes_this_one_resync(
+        env: tuple[Store, dict[str, SqliteCellDB]]) -> None:
+    store, cells = env
+    db = cells["cell1"]
+    a = create(db, 1)
+    s = CellSync(store, {"cell1": db})
+    s.run_until_idle()
+    db.start_epoch()  # as another API host's cellsync would after a regression
+    res = s.sync_once("cell1")
+    assert res.resynced and res.reason == "epoch"
+    with store.read() as r:
+        rec = r.get_server(a)
+        assert rec is not None and rec["version"] == (1 << EPOCH_SHIFT) | 1
+    assert_clean(store, {"cell1": db})
+    assert not s.sync_once("cell1").resynced
+
+
+def test_stats_follow_cursor_head_and_lag(env: tuple[Store, dict[str, SqliteCellDB]]) -> None:
+    store, cells = env
+    db = cells["cell1"]
+    clock = [0.0]
+    s = CellSync(store, {"cell1": db}, batch=2, clock=lambda: clock[0])
+    for i in range(5):
+        create(db, i)
+    assert s.stats()["cell1"]["lag_seqs"] == 0  # nothing read yet
+    s.sync_once("cell1")
+    ats = [e.at for e in db.read_feed(0, 10).entries]
+    clock[0] = ats[2] / 1e6 + 1.5
+    st = s.stats()["cell1"]
+    assert (st["cursor"], st["head"], st["lag_seqs"], st["applied_total"]) == (2, 5, 3, 2)
+    assert st["lag_seconds"] == pytest.approx(1.5)  # entry 3, the oldest not applied
+    s.run_until_idle()
+    st = s.stats()["cell1"]
+    assert (st["cursor"], st["lag_seqs"], st["lag_seconds"], st["applied_total"]) == (5, 0, 0.0, 5)
+    db.prune_changes(db.max_seq())
+    create(db, 9)
+    create(db, 10)
+    s.store.apply(Batch((), cursor=("cell1", 1), reset_cursor=True))  # now behind a gap
+    s.sync_once("cell1")
+    assert s.stats()["cell1"]["resyncs_total"] == 1 and s.stats()["cell1"]["cursor"] == 7
+
+
+def test_batches_shrink_to_the_time_budget_and_grow_back(
+        env: tuple[Store, dict[str, SqliteCellDB]]) -> None:
+    from cellsync.sync import MIN_BATCH
+
+    store, cells = env
+    db = cells["cell1"]
+    for i in range(60):
+        create(db, i)
+    s = CellSync(store, {"cell1": db}, batch=40, txn_budget=1e-9)  # every txn is too long
+    res = s.sync_once("cell1")
+    assert res.entries == 40 and s._state("cell1").limit == MIN_BATCH
+    assert s.sync_once("cell1").entries == MIN_BATCH
+    s.txn_budget = 60.0
+    s.sync_once("cell1")
+    assert s._state("cell1").limit == 2 * MIN_BATCH
+    s.run_until_idle()
+    assert_clean(store, {"cell1": db})

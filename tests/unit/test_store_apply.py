@@ -297,6 +297,23 @@ def test_reset_cursor_moves_it_back(store: Store) -> None:
         assert r.cursor("cell3") is None
 
 
+def test_a_cursor_keeps_the_mark_of_its_entry(store: Store) -> None:
+    store.apply(Batch(cursor=("cell1", 5), cursor_mark=1234))
+    with store.read() as r:
+        assert (r.cursor("cell1"), r.cursor_mark("cell1")) == (5, 1234)
+        assert r.cursor_mark("nope") == 0 and r.cursor_mark("") == 0
+    store.apply(Batch(cursor=("cell1", 4), cursor_mark=99))  # behind: ignored, mark too
+    store.apply(Batch(cursor=("cell1", 6)))  # forward without a mark: none recorded
+    with store.read() as r:
+        assert (r.cursor("cell1"), r.cursor_mark("cell1")) == (6, 0)
+    s = store.apply(Batch(cursor=("cell1", 6), cursor_mark=7, reset_cursor=True))
+    assert s.cursor_moved  # same seq, another entry there: a reset records it
+    with store.read() as r:
+        assert r.cursor_mark("cell1") == 7 and r.cursors() == {"cell1": 6}
+    with pytest.raises(RecordError):
+        store.apply(Batch(cursor=("cell1", 7), cursor_mark=-1))
+
+
 def test_bad_cursor_is_refused(store: Store) -> None:
     for bad in (-1, 2**64, True):
         with pytest.raises(RecordError):

@@ -305,6 +305,8 @@ class Feed(NamedTuple):
     max_seq: int
     epoch: int
     hosts_version: int
+    after_at: int = 0  # commit time of the entry at seq ``after`` (0: none, e.g. pruned)
+    top_at: int = 0  # commit time of the entry at ``max_seq`` (0: none)
 
 
 @dataclass(frozen=True)
@@ -901,7 +903,10 @@ class SqliteCellDB(CellDB):
         """Entries after ``after`` (at most ``limit``) and the feed's state, in one snapshot.
 
         cellsync's one SQLite read per round: the bounds tell a gap or a regression apart,
-        ``epoch`` a restored cell, ``hosts_version`` whether host capacity moved.
+        ``epoch`` a restored cell, ``hosts_version`` whether host capacity moved;
+        ``after_at``/``top_at`` (the commit times of the entries at ``after`` and at
+        ``max_seq``) fingerprint the feed, so a restored cell whose feed grew past the
+        consumer's cursor again is still recognised.
         """
         with self._snapshot() as c:
             rows = c.execute("SELECT seq, uuid, version, kind, at FROM changes WHERE seq > ?"
@@ -910,10 +915,13 @@ class SqliteCellDB(CellDB):
                             " WHERE name = 'changes') FROM changes").fetchone()
             meta = dict(c.execute("SELECT key, value FROM meta"
                                   " WHERE key IN ('epoch', 'hosts_version')").fetchall())
-        top = 0 if row[1] is None else int(row[1])
+            top = 0 if row[1] is None else int(row[1])
+            marks = dict(c.execute("SELECT seq, at FROM changes WHERE seq IN (?, ?)",
+                                   (after, top)).fetchall())
         low = top + 1 if row[0] is None else int(row[0])
         return Feed([FeedEntry(int(s), u, int(v), k, int(a)) for s, u, v, k, a in rows],
-                    low, top, int(meta.get("epoch", 0)), int(meta.get("hosts_version", 0)))
+                    low, top, int(meta.get("epoch", 0)), int(meta.get("hosts_version", 0)),
+                    int(marks.get(after, 0)), int(marks.get(top, 0)))
 
     def hosts(self) -> dict[str, dict[str, Any]]:
         """Every compute host by name: capacity, usage, status, node and zone."""

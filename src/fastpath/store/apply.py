@@ -90,7 +90,7 @@ class Apply:
         for table in self.changed_tables:
             self.bump_generation(table)
         if batch.cursor is not None:
-            self.cursor(batch.cursor, batch.reset_cursor)
+            self.cursor(batch.cursor, batch.reset_cursor, batch.cursor_mark)
         return self.summary
 
     # -- servers ---------------------------------------------------------------------------------
@@ -332,15 +332,17 @@ class Apply:
         gen = int(L.U64.unpack(raw)[0]) if raw is not None else 0
         self.txn.put(key, L.U64.pack((gen + 1) & L.MAX_U64), db=self.d.meta)
 
-    def cursor(self, cursor: tuple[str, int], reset: bool) -> None:
+    def cursor(self, cursor: tuple[str, int], reset: bool, mark: int = 0) -> None:
         cell, seq = cursor
-        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= L.MAX_U64:
-            raise RecordError(f"cursor of cell {cell!r}: {seq!r} is not an unsigned 64-bit integer")
+        for v in (seq, mark):
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= L.MAX_U64:
+                raise RecordError(f"cursor of cell {cell!r}: {v!r} is not an unsigned 64-bit integer")
         key = L.name_bytes(cell, "cell")
         raw = self.txn.get(key, db=self.d.cursors)
-        old = int(L.U64.unpack(raw)[0]) if raw is not None else None
-        if old is None or seq > old or (reset and seq != old):
-            self.txn.put(key, L.U64.pack(seq), db=self.d.cursors)
+        old = int(L.U64.unpack_from(raw, 0)[0]) if raw is not None else None
+        value = L.pack_cursor(seq, mark)
+        if old is None or seq > old or (reset and raw != value):
+            self.txn.put(key, value, db=self.d.cursors)
             self.summary.cursor = seq
             self.summary.cursor_moved = True
         else:

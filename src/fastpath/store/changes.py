@@ -69,6 +69,9 @@ class Batch:
     catalog: Sequence[CatalogPut] = ()
     reset_cursor: bool = False  # set the cursor even if lower (resync of a cell)
     repair: bool = False  # anti-entropy: accept servers older than the tombstone horizon
+    # A fingerprint of the feed entry at the cursor (cellsync: its commit time), kept with
+    # the cursor: a cell whose entry at that seq differs later has been restored (cellsync).
+    cursor_mark: int = 0
 
 
 @dataclass(slots=True)

@@ -27,7 +27,7 @@ database            key                                         value
 ``quota_usage``     project (UTF-8)                             msgpack map resource -> in use
 ``azs``             availability zone name (UTF-8)              msgpack map
 ``cells``           cell name (UTF-8)                           msgpack map
-``cursors``         cell name (UTF-8)                           u64(feed sequence applied)
+``cursors``         cell name (UTF-8)                           u64(feed seq applied) [u64 mark]
 ``outbox``          u64(sequence)                               msgpack map (a command)
 ``by_cell``         cell NUL uuid16                             b"" (a live server's cell)
 ==================  ==========================================  ==============================
@@ -263,6 +263,17 @@ def keypair_prefix(user_id: str) -> bytes:
 def gen_key(table: str) -> bytes:
     """The ``meta`` key of a catalogue table's generation (``table``: ``Catalog.value``)."""
     return META_GEN + table.encode()
+
+
+def pack_cursor(seq: int, mark: int = 0) -> bytes:
+    """A ``cursors`` value: the feed seq, then (if not 0) the mark of the entry at it."""
+    return U64.pack(seq) + (U64.pack(mark) if mark else b"")
+
+
+def unpack_cursor(v: bytes | memoryview) -> tuple[int, int]:
+    """(seq, mark) of a ``cursors`` value (mark 0: none recorded)."""
+    seq = int(U64.unpack_from(v, 0)[0])
+    return seq, int(U64.unpack_from(v, 8)[0]) if len(v) >= 16 else 0
 
 
 def outbox_key(seq: int) -> bytes:

@@ -413,11 +413,19 @@ class Reader:
         if not 0 < len(key) <= L.MAX_KEY:
             return None
         v = self._txn.get(key, db=self._d.cursors)
-        return None if v is None else int(L.U64.unpack(v)[0])
+        return None if v is None else L.unpack_cursor(v)[0]
+
+    def cursor_mark(self, cell: str) -> int:
+        """The mark stored with the cell's cursor (``Batch.cursor_mark``; 0 if none)."""
+        key = cell.encode()
+        if not 0 < len(key) <= L.MAX_KEY:
+            return 0
+        v = self._txn.get(key, db=self._d.cursors)
+        return 0 if v is None else L.unpack_cursor(v)[1]
 
     def cursors(self) -> dict[str, int]:
         cur = self._txn.cursor(db=self._d.cursors)
-        return {bytes(k).decode(): int(L.U64.unpack(v)[0]) for k, v in cur}
+        return {bytes(k).decode(): L.unpack_cursor(v)[0] for k, v in cur}
 
     def generation(self, table: Catalog) -> int:
         """The catalogue table's generation (``layout``: ``gen:<table>``; 0 if never changed).
