@@ -60,7 +60,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     if args.servers < 0 or args.projects < 1:
         raise SettingsError("seed: --servers must be >= 0 and --projects >= 1")
     return seed_main(settings["data_dir"], args.servers, args.projects, args.seed, args.jobs,
-                     settings)
+                     settings, direct=args.direct)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
-        "seed", help="fill a data dir with a realistic catalogue and N servers (idempotent)"
+        "seed", help="fill a data dir with a realistic catalogue and N servers, through its "
+        "cells (idempotent)"
     )
     common(p)
     p.add_argument("--servers", type=int, default=1000, metavar="N", help="servers (default 1000)")
@@ -153,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="projects the servers are spread over (default 10)")
     p.add_argument("--seed", type=int, default=1, help="varies the generated ids (default 1)")
     p.add_argument("--jobs", type=int, default=0, metavar="J",
-                   help="rendering processes (default: one per core)")
+                   help="rendering processes of --direct (default: one per core)")
+    p.add_argument("--direct", action="store_true",
+                   help="write the API store directly instead of the cells (benchmarks)")
     p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("cell", help="run one compute cell (database, inbox, simulated driver)")

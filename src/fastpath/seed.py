@@ -5,31 +5,55 @@ keypair per project user, an availability zone with hosts, default quotas, and N
 spread over P projects (created one second apart, newest last, mostly ACTIVE, some
 SHUTOFF and ERROR), every one rendered into its views as cellsync will do.
 
-Until the cells exist, seeding writes the API store directly, through its one write path
-(``Store.apply``, durable commits); a ``fastpath serve`` may run on the same data dir
-meanwhile (LMDB serves readers while one writer writes).  Seeding is idempotent: server
-ids and versions derive from ``--seed`` and the server's index, so running it again with
-the same arguments changes nothing, and a larger ``--servers`` adds only the new ones.
+Through the cells (the default).  The cells own the servers, so seeding writes them where
+the truth lives: into the cells' databases (``DATA_DIR/cells/*.sqlite`` if there are any,
+else the cells of ``standalone.cells``, created if missing), spread evenly over them
+(server i goes to cell ``i % cells``), in transactions of ``CHUNK`` servers with their
+change-feed entries.  Each server is built as a record (:func:`make_server`) and converted
+to the cell's values in one place (:func:`cell_values`), with the cell's own hosts and
+fixed IPs.  Then the servers are brought up to the API store: if a ``fastpath serve``
+with its cellsync runs on the data dir, its bell is rung and seeding waits (bounded) until
+cellsync's cursors reach the cells' feed heads; otherwise :class:`cellsync.sync.CellSync`
+runs here until idle.  The catalogue (flavors, images, keypairs, AZ, quotas) is API-owned
+and goes to the store directly.
 
-PERF: rendering the views (~85 us a server) dominates; it runs in a pool of processes
-forked before the store is opened (LMDB environments must not cross fork), while this
-process applies batches of pre-rendered servers.
+Directly into the store (``--direct``, for the 1M-server benchmarks): through its one
+write path (``Store.apply``, durable commits), no cells involved.  A ``fastpath serve`` may
+run on the same data dir meanwhile (LMDB serves readers while one writer writes).
+
+Either way seeding is idempotent: server ids and versions derive from ``--seed`` and the
+server's index, so running it again with the same arguments changes nothing (a server a
+cell already has is skipped), and a larger ``--servers`` adds only the new ones.
+
+PERF (direct): rendering the views (~85 us a server) dominates; it runs in a pool of
+processes forked before the store is opened (LMDB environments must not cross fork), while
+this process applies batches of pre-rendered servers.  Through the cells, the rendering
+is cellsync's (one process).
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import multiprocessing
 import os
 import sys
 import time
 import uuid as uuidlib
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from fastpath.store.changes import Batch, Catalog, CatalogPut, Upsert
 from fastpath.store.samples import EPOCH_2024, sample_record
 
+if TYPE_CHECKING:
+    from fastpath.cell.db import CellDB
+
 CHUNK = 2000  # servers per pool task and per write transaction
+# Waiting for a running cellsync to bring the seeded servers up: this long at least, plus
+# one second per SYNC_WAIT_RATE servers (a shared, slow machine).
+SYNC_WAIT_MIN = 120.0
+SYNC_WAIT_RATE = 500
 
 FLAVORS: tuple[dict[str, Any], ...] = (
     {"id": "1", "name": "m1.tiny", "vcpus": 1, "ram": 512, "disk": 1},
@@ -128,6 +152,189 @@ def make_server(seed: int, i: int, projects: int) -> dict[str, Any]:
     )
 
 
+# -- through the cells ----------------------------------------------------------------------
+# The record's fields that are instance columns of the cell, as they are.
+_CELL_SCALARS = (
+    "uuid", "project_id", "user_id", "name", "hostname", "description", "vm_state",
+    "task_state", "power_state", "progress", "locked", "locked_by", "locked_reason",
+    "created_at", "updated_at", "launched_at", "terminated_at", "host", "node",
+    "instance_name", "availability_zone", "pinned_availability_zone", "key_name",
+    "config_drive", "disk_config", "access_ip_v4", "access_ip_v6", "reservation_id",
+    "launch_index", "kernel_id", "ramdisk_id", "root_device_name", "user_data",
+)
+
+
+def cell_values(rec: dict[str, Any]) -> dict[str, Any]:
+    """The ``CellDB.create_instance`` values that hold everything of record ``rec``
+    (the inverse of cellsync's projection; ``rec["fault"]`` goes in with ``add_fault``)."""
+    values = {k: rec[k] for k in _CELL_SCALARS if k in rec}
+    image = rec.get("image")
+    values["image_ref"] = image["id"] if image else None
+    values["image_properties"] = image["properties"] if image else {}
+    values["flavor"] = rec["flavor"]
+    values["metadata"] = rec.get("metadata", {})
+    values["tags"] = rec.get("tags", [])
+    values["security_groups"] = rec.get("security_groups", [])
+    values["volumes"] = rec.get("volumes_attached", [])
+    values["scheduler_hints"] = rec.get("scheduler_hints", {})
+    values["server_groups"] = rec.get("server_groups", [])
+    values["trusted_image_certificates"] = rec.get("trusted_image_certificates")
+    # One VIF per (network, MAC): two ports on one network show under the same label.
+    vifs: dict[tuple[str, str], dict[str, Any]] = {}
+    for net, entries in rec.get("addresses", {}).items():
+        for a in entries:
+            vif = vifs.setdefault((net, a["mac"]), {"mac": a["mac"], "network": net, "ips": []})
+            vif["ips"].append({"addr": a["addr"], "version": a["version"], "type": a["type"]})
+    values["network"] = list(vifs.values())
+    return values
+
+
+def make_cell_server(seed: int, i: int, projects: int, cell: str, k: int,
+                     hosts: int) -> dict[str, Any]:
+    """Server ``i`` as the ``k``-th seeded server of ``cell``: :func:`make_server`, on the
+    cell's own hosts (``CELL-compute-NN``, as ``fastpath cell`` names them) with one fixed
+    IPv4 from the cell's pool, counted down from its top so that the addresses the running
+    cell hands out from the bottom do not collide (until a cell holds ~32,000 seeded)."""
+    from fastpath.cell.main import ip_pool_for
+
+    rec = make_server(seed, i, projects)
+    host = f"{cell}-compute-{k % hosts:02d}"
+    rec["host"] = rec["node"] = host
+    pool = ipaddress.ip_network(ip_pool_for(cell))
+    addr = pool.broadcast_address - 1 - (k % (pool.num_addresses // 2))
+    mac = "fa:16:3e:" + ":".join(f"{b:02x}" for b in hashlib.sha256(rec["uuid"].encode()).digest()[:3])
+    rec["addresses"] = {"private": [{"addr": str(addr), "version": 4, "mac": mac,
+                                     "type": "fixed"}]}
+    return rec
+
+
+def seed_cells_of(data_dir: str, settings: Any) -> list[str]:
+    """The cells ``fastpath seed`` writes into: the data dir's, else ``standalone.cells``."""
+    from fastpath.cell.registry import cell_names
+
+    return cell_names(data_dir) or list(settings.standalone_cells)
+
+
+def _write_cell(db: CellDB, recs: list[dict[str, Any]]) -> None:
+    with db.transaction():
+        for rec in recs:
+            db.create_instance(cell_values(rec))
+            fault = rec.get("fault")
+            if fault:
+                db.add_fault(rec["uuid"], fault["code"], fault["message"], fault.get("details"),
+                             rec["host"], fault["created"])
+
+
+def seed_through_cells(
+    data_dir: str, servers: int, projects: int, cells: Sequence[str], *, seed: int = 1,
+    settings: Any = None, progress: Callable[[int, int], None] | None = None,
+    wait: float | None = None,
+) -> dict[str, Any]:
+    """Write the servers into ``cells`` and bring them up to the store (module doc)."""
+    from fastpath.api.context import open_store
+    from fastpath.cell.registry import open_cell
+    from fastpath.settings import load
+
+    if servers < 0 or projects < 1:
+        raise ValueError("--servers must be >= 0 and --projects >= 1")
+    if not cells:
+        raise ValueError("no cells to seed into")
+    settings = settings or load(None, {"data_dir": data_dir})
+    started = time.monotonic()
+    store = open_store(settings)
+    try:
+        store.apply(Batch(catalog=catalog(projects)))
+    finally:
+        store.close()
+    dbs = {name: open_cell(data_dir, name, create=True) for name in cells}
+    written = existing = 0
+    try:
+        hosts = settings["cell.hosts"]
+        have = {name: {u for u, _, _ in db.all_instance_versions()} for name, db in dbs.items()}
+        pending: dict[str, list[dict[str, Any]]] = {name: [] for name in cells}
+        n = len(cells)
+        for i in range(servers):
+            cell = cells[i % n]
+            if server_uuid(seed, i) in have[cell]:
+                existing += 1
+            else:
+                pending[cell].append(make_cell_server(seed, i, projects, cell, i // n, hosts))
+                if len(pending[cell]) >= CHUNK:
+                    _write_cell(dbs[cell], pending[cell])
+                    written += len(pending[cell])
+                    pending[cell] = []
+            if progress is not None and (i + 1) % CHUNK == 0:
+                progress(i + 1, servers)
+        for cell, recs in pending.items():
+            if recs:
+                _write_cell(dbs[cell], recs)
+                written += len(recs)
+        if progress is not None:
+            progress(servers, servers)
+        heads = {name: db.max_seq() for name, db in dbs.items()}
+    finally:
+        for db in dbs.values():
+            db.close()
+    how = _bring_up(data_dir, settings, heads,
+                    wait if wait is not None else SYNC_WAIT_MIN + servers / SYNC_WAIT_RATE)
+    return {
+        "servers": servers, "projects": projects, "applied": written, "unchanged": existing,
+        "cells": list(cells), "synced_by": how,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _cellsync_running(data_dir: str) -> bool:
+    from fastpath.master.status import collect
+
+    return any(r["role"] == "cellsync" for r in collect(data_dir))
+
+
+def _cursors(data_dir: str, settings: Any, cells: Sequence[str]) -> dict[str, int]:
+    from fastpath.api.context import open_store
+
+    store = open_store(settings)
+    try:
+        with store.read() as r:
+            return {c: r.cursor(c) or 0 for c in cells}
+    finally:
+        store.close()
+
+
+def _bring_up(data_dir: str, settings: Any, heads: dict[str, int], wait: float) -> str:
+    """Bring the cells' changes up to ``heads`` into the store; says who did it."""
+    from fastpath.wake import bell_path, ring
+
+    if _cellsync_running(data_dir):
+        ring(bell_path(data_dir, "cellsync"))
+        deadline = time.monotonic() + wait
+        while True:
+            cursors = _cursors(data_dir, settings, list(heads))
+            if all(cursors[c] >= h for c, h in heads.items()):
+                return "the running cellsync"
+            if time.monotonic() >= deadline:
+                behind = ", ".join(f"{c} at {cursors[c]} of {h}" for c, h in heads.items()
+                                   if cursors[c] < h)
+                raise TimeoutError(
+                    f"cellsync did not catch up within {wait:.0f} s ({behind}); the servers "
+                    "are in the cells and will appear when it does")
+            time.sleep(0.05)
+    from cellsync.__main__ import open_all
+    from cellsync.sync import CellSync
+
+    store, dbs = open_all(data_dir)
+    try:
+        CellSync(store, dbs).run_until_idle()
+    finally:
+        for db in dbs.values():
+            db.close()
+        store.close()
+    # A cellsync running on its own (not under a master) may want to look too: harmless.
+    ring(bell_path(data_dir, "cellsync"))
+    return "cellsync in this process"
+
+
+# -- directly into the store ------------------------------------------------------------------
 def _render_chunk(args: tuple[int, int, int, int]) -> list[tuple[str, dict[str, Any], Any]]:
     """Pool task: records and their rendered views for servers [start, stop)."""
     from fastpath.api import views
@@ -186,7 +393,7 @@ def seed_data_dir(
 
 
 def seed_main(data_dir: str, servers: int, projects: int, seed: int, jobs: int,
-              settings: Any) -> int:
+              settings: Any, direct: bool = False) -> int:
     last = [0.0]
 
     def progress(done: int, total: int) -> None:
@@ -195,11 +402,22 @@ def seed_main(data_dir: str, servers: int, projects: int, seed: int, jobs: int,
             last[0] = now
             print(f"fastpath seed: {done}/{total} servers", file=sys.stderr, flush=True)
 
-    result = seed_data_dir(data_dir, servers, projects, seed=seed, jobs=jobs,
-                           settings=settings, progress=progress)
+    cells = [] if direct else seed_cells_of(data_dir, settings)
+    if cells:
+        try:
+            result = seed_through_cells(data_dir, servers, projects, cells, seed=seed,
+                                        settings=settings, progress=progress)
+        except TimeoutError as exc:
+            print(f"fastpath seed: {exc}", file=sys.stderr)
+            return 1
+        where = f"cells {', '.join(cells)} of {data_dir}, synced by {result['synced_by']}"
+    else:
+        result = seed_data_dir(data_dir, servers, projects, seed=seed, jobs=jobs,
+                               settings=settings, progress=progress)
+        where = f"{data_dir}"
     print(
         f"seeded {result['servers']} servers in {result['projects']} projects into "
-        f"{data_dir} ({result['applied']} written, {result['unchanged']} already there) "
+        f"{where} ({result['applied']} written, {result['unchanged']} already there) "
         f"in {result['seconds']} s"
     )
     host, port = settings.bind_address
@@ -208,4 +426,7 @@ def seed_main(data_dir: str, servers: int, projects: int, seed: int, jobs: int,
     return 0
 
 
-__all__: Sequence[str] = ("seed_data_dir", "seed_main", "project_id", "user_id", "server_uuid")
+__all__: Sequence[str] = (
+    "cell_values", "seed_data_dir", "seed_through_cells", "seed_main", "project_id", "user_id",
+    "server_uuid",
+)

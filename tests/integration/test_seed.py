@@ -1,5 +1,6 @@
-"""`fastpath seed`: a real process fills a data dir; a real `fastpath serve` serves it,
-also while seeding goes on."""
+"""`fastpath seed`: a real process fills a data dir, through its cells (the default) or
+directly into the store (--direct); a real `fastpath serve` serves it, also while seeding
+goes on (then its own cellsync brings the seeded servers up)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from fastpath.cell.registry import open_cell
 from fastpath.seed import FLAVORS, IMAGES, project_id, user_id
 
 SERVERS = 600
 PROJECTS = 3
 
 
-def seed(data_dir: Path, servers: int = SERVERS, projects: int = PROJECTS) -> str:
+def seed(data_dir: Path, servers: int = SERVERS, projects: int = PROJECTS,
+         *extra: str) -> str:
     cp = subprocess.run(
         [sys.executable, "-m", "fastpath", "seed", "--data-dir", str(data_dir),
-         "--servers", str(servers), "--projects", str(projects), "--jobs", "2"],
+         "--servers", str(servers), "--projects", str(projects), "--jobs", "2", *extra],
         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
     )
     assert cp.returncode == 0, cp.stderr
@@ -45,15 +50,37 @@ def all_ids(server: Any, p: int, query: str = "") -> list[str]:
         path = links[0]["href"].split(server.url, 1)[1]
 
 
-def test_seed_then_serve(tmp_path: Path, fastpath_server: Callable[..., Any]) -> None:
+def verify(data_dir: Path) -> str:
+    cp = subprocess.run([sys.executable, "-m", "fastpath", "verify", "--data-dir", str(data_dir)],
+                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    return cp.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["cells", "direct"])
+def test_seed_then_serve(tmp_path: Path, fastpath_server: Callable[..., Any],
+                         direct: bool) -> None:
     data = tmp_path / "data"
-    out = seed(data)
+    extra = ("--direct",) if direct else ()
+    out = seed(data, SERVERS, PROJECTS, *extra)
     assert f"seeded {SERVERS} servers in {PROJECTS} projects" in out
     assert f"({SERVERS} written, 0 already there)" in out
+    if direct:
+        assert not (data / "cells").exists()
+    else:
+        # Through the standalone default cells, spread evenly, synced here (no serve runs).
+        assert "into cells cell1, cell2 of" in out and "synced by cellsync in this process" in out
+        for name in ("cell1", "cell2"):
+            db = open_cell(str(data), name)
+            try:
+                assert len(db.all_instance_versions()) == SERVERS // 2
+            finally:
+                db.close()
+        assert verify(data) == f"checked {SERVERS} servers in 2 cells: 0 divergent"
     # Idempotent: the same arguments change nothing.
-    assert "(0 written, 600 already there)" in seed(data)
+    assert "(0 written, 600 already there)" in seed(data, SERVERS, PROJECTS, *extra)
 
-    server = fastpath_server(workers=2, data_dir=data)
+    server = fastpath_server(workers=2, data_dir=data, sidecars=not direct)
     per_project = [all_ids(server, p) for p in range(PROJECTS)]
     assert sum(len(ids) for ids in per_project) == SERVERS
     assert all(len(set(ids)) == len(ids) for ids in per_project)
@@ -74,14 +101,24 @@ def test_seed_then_serve(tmp_path: Path, fastpath_server: Callable[..., Any]) ->
 
 
 def test_seed_while_serving(tmp_path: Path, fastpath_server: Callable[..., Any]) -> None:
-    """Seeding into a data dir that a running fastpath serves: new servers appear."""
+    """Seeding into a data dir that a running standalone fastpath serves: the servers go
+    into its cells and its own cellsync brings them up before seed returns."""
     data = tmp_path / "data"
     server = fastpath_server(workers=2, data_dir=data)
     assert all_ids(server, 0) == []
-    seed(data, servers=90, projects=3)
+    out = seed(data, 90, 3)
+    assert "into cells cell1, cell2 of" in out and "synced by the running cellsync" in out
     assert len(all_ids(server, 0)) == 30
-    seed(data, servers=150, projects=3)
+    seed(data, 150, 3)
     assert len(all_ids(server, 0)) == 50
+    assert verify(data) == "checked 150 servers in 2 cells: 0 divergent"
+
+
+def test_seed_direct_while_serving(tmp_path: Path, fastpath_server: Callable[..., Any]) -> None:
+    data = tmp_path / "data"
+    server = fastpath_server(workers=2, data_dir=data, sidecars=False)
+    seed(data, 90, 3, "--direct")
+    assert len(all_ids(server, 0)) == 30
 
 
 def test_seed_refuses_bad_arguments(tmp_path: Path) -> None:
