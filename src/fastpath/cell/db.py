@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -78,6 +79,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from fastpath.store.record import now_us
+
+log = logging.getLogger("fastpath.cell")
 
 SCHEMA_VERSION = 1
 
@@ -986,14 +989,19 @@ class SqliteCellDB(CellDB):
             return 0
         r = retention or Retention()
         self._next_maintenance = now + r.interval
-        with self._snapshot() as c:
-            kept = self._meta_int(c, "done_commands_kept", DONE_COMMANDS_KEPT)
-        if kept != r.done_commands_kept:
-            with self.transaction():
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('done_commands_kept', ?)",
-                    (str(r.done_commands_kept),))
-        return self.prune_acked(int(now * 1e6), r)
+        try:
+            with self._snapshot() as c:
+                kept = self._meta_int(c, "done_commands_kept", DONE_COMMANDS_KEPT)
+            if kept != r.done_commands_kept:
+                with self.transaction():
+                    self._conn.execute(
+                        "INSERT OR REPLACE INTO meta VALUES ('done_commands_kept', ?)",
+                        (str(r.done_commands_kept),))
+            return self.prune_acked(int(now * 1e6), r)
+        except sqlite3.OperationalError as exc:
+            # Housekeeping waits for the next interval; the cell's own work goes on.
+            log.warning("%s: maintenance skipped: %s", self.path, exc)
+            return 0
 
     # -- epochs ---------------------------------------------------------------------------
     def epoch(self) -> int:

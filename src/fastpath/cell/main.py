@@ -17,6 +17,7 @@ import hashlib
 import logging
 import time
 
+from fastpath.cell.db import Retention
 from fastpath.cell.driver import HostSpec, SimulatedDriver
 from fastpath.cell.registry import cell_path, open_cell
 from fastpath.cell.service import CellService
@@ -64,12 +65,14 @@ def run_cell(settings: Settings, name: str, ctl: Control) -> int:
     cellsync_bell = bell_path(data_dir, "cellsync")
     ring(cellsync_bell)  # the host rows written at start
     idle = settings["cell.poll_interval"]
+    retention = Retention.from_settings(settings)
     log.info("cell %s serving (%s)", name, service.db.path)
     ctl.ready()
     try:
         while not ctl.should_stop():
             ctl.beat()
             now = time.time()
+            service.db.maintenance(now, retention)  # feed pruning; runs at its own interval
             if service.step(now):
                 ring(cellsync_bell)
                 continue
