@@ -161,3 +161,45 @@ def test_shared_memory_file_round_trip(data_dir: Path) -> None:
     other.write_bytes(b"not a fastpath file" * 10)
     with pytest.raises(ValueError, match="bad magic"):
         SharedState.open_file(str(other))
+
+
+def test_cellsync_stats_file_and_its_metrics(data_dir: Path) -> None:
+    from fastpath.api.routes import cellsync_metric_lines
+
+    assert status.read_cellsync_stats(str(data_dir)) is None
+    assert cellsync_metric_lines(str(data_dir)) == []  # cellsync never ran here
+    doc = {"pid": 9, "updated_at": time.time() - 2.5, "cells": {
+        "cell1": {"cursor": 10, "head": 12, "lag_seqs": 2, "lag_seconds": 0.25,
+                  "applied_total": 345, "resyncs_total": 1},
+        'we"ird': {"cursor": 0, "head": 0, "lag_seqs": 0, "lag_seconds": 0.0,
+                   "applied_total": 0, "resyncs_total": 0},
+    }}
+    status.write_json_atomic(status.cellsync_stats_path(str(data_dir)), doc)
+    assert status.read_cellsync_stats(str(data_dir)) == json.loads(json.dumps(doc))
+    lines = cellsync_metric_lines(str(data_dir))
+    samples = dict(line.rsplit(" ", 1) for line in lines if not line.startswith("#"))
+    assert samples['fastpath_cellsync_lag_seconds{cell="cell1"}'] == "0.25"
+    assert samples['fastpath_cellsync_lag_seqs{cell="cell1"}'] == "2"
+    assert samples['fastpath_cellsync_changes_applied_total{cell="cell1"}'] == "345"
+    assert samples['fastpath_cellsync_resyncs_total{cell="cell1"}'] == "1"
+    assert samples['fastpath_cellsync_lag_seqs{cell="we\\"ird"}'] == "0"
+    assert 2.4 <= float(samples["fastpath_cellsync_stats_age_seconds"]) < 60
+    # A torn or foreign file is ignored, never an error on /metrics.
+    with open(status.cellsync_stats_path(str(data_dir)), "w") as f:
+        f.write('{"cells": ')
+    assert status.read_cellsync_stats(str(data_dir)) is None
+    assert cellsync_metric_lines(str(data_dir)) == []
+
+
+def test_metrics_list_the_sidecars_ready_by_role(data_dir: Path) -> None:
+    from fastpath.api.routes import Metrics
+
+    shm = make_shm(data_dir, os.getpid())
+    text = Metrics(shm, [], data_dir=str(data_dir)).render().decode()
+    assert 'fastpath_sidecars_ready{role="cell"} 1' in text
+    assert 'fastpath_sidecars_ready{role="cellsync"} 0' in text
+    assert 'fastpath_sidecars_ready{role="forwarder"} 0' in text
+    m = Metrics(shm, [])
+    m.add_source(lambda: ["fastpath_test_hook 7"])
+    assert "fastpath_test_hook 7" in m.render().decode()
+    shm.buf.close()

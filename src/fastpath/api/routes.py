@@ -14,7 +14,9 @@ counter table), so appending routes keeps the meaning of the earlier rows.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,8 @@ from fastpath.api import versions
 from fastpath.errors import BadRequest
 from fastpath.master import shm as shm_layout
 from fastpath.settings import Settings
+
+log = logging.getLogger("fastpath.metrics")
 
 API_ROOT = "/v2.1"
 TEXT_PLAIN = b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
@@ -53,13 +57,24 @@ class Plan:
 class Metrics:
     """``GET /metrics``: Prometheus text, summed over every API worker's shared-memory slot.
 
-    Reads shared memory only (no store call, no message to other processes).
+    Reads shared memory and the sidecars' published stats files only (no store call, no
+    message to other processes): cellsync's ``DATA_DIR/run/cellsync.json`` gives the
+    ``fastpath_cellsync_*`` series.  Other parts add their series through
+    :meth:`add_source` (a callable returning exposition lines, called per scrape; it must
+    not open a store transaction either, or say so in its HELP text).
     """
 
-    def __init__(self, shm: shm_layout.SharedState | None, routes: list[RouteSpec]) -> None:
+    def __init__(self, shm: shm_layout.SharedState | None, routes: list[RouteSpec],
+                 data_dir: str | None = None) -> None:
         self.shm = shm
+        self.data_dir = data_dir
         # Row 0 counts requests that matched no route.
         self.names = ["unmatched"] + [f"{r.method} {r.template}" for r in routes]
+        self.sources: list[Callable[[], list[str]]] = []
+
+    def add_source(self, source: Callable[[], list[str]]) -> None:
+        """Append ``source()``'s lines to every scrape (e.g. the forwarder's outbox depth)."""
+        self.sources.append(source)
 
     def __call__(self, req: Any) -> tuple[int, bytes, None, bytes]:
         return 200, self.render(), None, TEXT_PLAIN
@@ -108,7 +123,76 @@ class Metrics:
                 "# TYPE fastpath_workers_ready gauge",
                 f"fastpath_workers_ready {up}",
             ]
+            lines += self._sidecar_lines(self.shm)
+        if self.data_dir is not None:
+            lines += cellsync_metric_lines(self.data_dir)
+        for source in self.sources:
+            try:
+                lines += source()
+            except Exception:  # noqa: BLE001 - one broken source must not hide the rest
+                log.exception("a /metrics source failed")
         return ("\n".join(lines) + "\n").encode("ascii")
+
+    @staticmethod
+    def _sidecar_lines(shm: shm_layout.SharedState) -> list[str]:
+        by_role = shm.ready_by_role()
+        lines = [
+            "# HELP fastpath_sidecars_ready Sidecar processes of the master (cells, cellsync, "
+            "forwarder) currently ready, by role.",
+            "# TYPE fastpath_sidecars_ready gauge",
+        ]
+        for role in (shm_layout.ROLE_CELL, shm_layout.ROLE_CELLSYNC, shm_layout.ROLE_FORWARDER):
+            ready, _ = by_role.get(role, (0, 0))
+            lines.append(f'fastpath_sidecars_ready{{role="{shm_layout.ROLE_NAMES[role]}"}} {ready}')
+        return lines
+
+
+# (name, stats key, type, help) of the per-cell cellsync series.
+_CELLSYNC_SERIES = (
+    ("fastpath_cellsync_lag_seconds", "lag_seconds", "gauge",
+     "Age of the oldest change of the cell not yet applied to the store."),
+    ("fastpath_cellsync_lag_seqs", "lag_seqs", "gauge",
+     "Change-feed entries of the cell not yet applied (feed head minus cursor)."),
+    ("fastpath_cellsync_changes_applied_total", "applied_total", "counter",
+     "Servers applied to the store from the cell since cellsync started."),
+    ("fastpath_cellsync_resyncs_total", "resyncs_total", "counter",
+     "Full resyncs of the cell since cellsync started (gap, regression, requested)."),
+)
+
+
+def cellsync_metric_lines(data_dir: str) -> list[str]:
+    """The ``fastpath_cellsync_*`` series, from the stats cellsync publishes (a small file:
+    no store transaction).  Nothing if cellsync never ran for this data dir."""
+    from fastpath.master.status import read_cellsync_stats
+
+    doc = read_cellsync_stats(data_dir)
+    if doc is None:
+        return []
+    cells = doc["cells"]
+    lines: list[str] = []
+    for name, key, kind, text in _CELLSYNC_SERIES:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        for cell in sorted(cells):
+            value = cells[cell].get(key) if isinstance(cells[cell], dict) else None
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                lines.append(f'{name}{{cell="{_label(cell)}"}} {value}')
+    try:
+        age = max(0.0, time.time() - float(doc.get("updated_at", 0)))
+    except (TypeError, ValueError):
+        age = float("inf")
+    lines += [
+        "# HELP fastpath_cellsync_stats_age_seconds Seconds since cellsync last published "
+        "these figures (it does at least every few seconds while it runs).",
+        "# TYPE fastpath_cellsync_stats_age_seconds gauge",
+        f"fastpath_cellsync_stats_age_seconds {age:.3f}",
+    ]
+    return lines
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, quote and newline escaped, ASCII only."""
+    out = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return out.encode("ascii", "backslashreplace").decode("ascii")
 
 
 async def _debug_sleep(req: Any) -> tuple[int, bytes]:
@@ -164,7 +248,8 @@ def build_plan(
         RouteSpec("GET", API_ROOT + "/", "core:version_v21", auth=False, versioned=True),
         RouteSpec("GET", "/healthz", "core:healthz", auth=False, versioned=False),
     ]
-    metrics = Metrics(shm, [])  # names filled below, once the table is complete
+    # Route names are filled below, once the table is complete.
+    metrics = Metrics(shm, [], data_dir=settings["data_dir"])
     routes.append(RouteSpec("GET", "/metrics", metrics, auth=False, versioned=False))
     if settings["debug.test_routes"]:
         routes.append(RouteSpec("GET", "/debug/sleep", _debug_sleep, auth=False, versioned=False))
@@ -174,6 +259,9 @@ def build_plan(
     from fastpath.api import instance_actions
 
     routes += instance_actions.routes(ctx)
+    from fastpath.api import metadata_commands
+
+    routes += metadata_commands.routes(ctx)
     metrics.names = ["unmatched"] + [f"{r.method} {r.template}" for r in routes]
     if len(routes) + 1 > shm_layout.MAX_ROUTES:
         raise ValueError(f"{len(routes)} routes exceed the metrics table ({shm_layout.MAX_ROUTES})")
