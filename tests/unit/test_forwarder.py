@@ -1,7 +1,7 @@
 """The forwarder (fastpath.forwarder): a real LMDB store in a temp dir and real SQLite cells.
 
-Outbox entries are written through the store as docs/commands.md says (key = last key + 1,
-msgpack map id/cell/server/payload/at).
+Outbox entries are written through the store's command API as the API's group commit writes
+them (docs/commands.md: key = last key + 1, msgpack map id/cell/server/payload/at).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from fastpath.cell.registry import cell_path, open_cell
 from fastpath.forwarder import Forwarder, outbox_stats, read_stats
 from fastpath.store import Store
 from fastpath.store import layout as L
+from fastpath.store.commands import RESIZE_GROW, CommandTxn, run_group
 from fastpath.store.errors import StoreError
 
 S1 = "11111111-1111-4111-8111-111111111111"
@@ -45,21 +46,20 @@ class Bells:
 
 
 def put_outbox(store: Store, entries: list[dict[str, Any]]) -> list[bytes]:
-    """Append entries to the outbox in one write transaction (docs/commands.md)."""
+    """Append entries to the outbox in one group commit (``CommandTxn.put_outbox``)."""
 
-    def body(txn: Any) -> list[bytes]:
-        db = store.dbs.outbox
-        cur = txn.cursor(db=db)
-        last = int(L.U64.unpack(bytes(cur.key()))[0]) if cur.last() else 0
-        keys = []
-        for i, e in enumerate(entries):
-            k = L.outbox_key(last + 1 + i)
-            txn.put(k, msgpack.packb(e), db=db)
-            keys.append(k)
-        return keys
+    def resize(kind: str) -> None:
+        if kind == RESIZE_GROW:
+            store._grow()
+        else:
+            store._env.set_mapsize(0)
 
-    keys, _ = store._write(body)
-    return list(keys)
+    def work(e: dict[str, Any]) -> Callable[[CommandTxn], int]:
+        return lambda c: c.put_outbox(e["cell"], e["server"], e["id"], e["payload"], at=e["at"])
+
+    res = run_group(store, [work(e) for e in entries], None, resize)
+    assert all(ok for ok, _ in res.outcomes), res.outcomes
+    return [L.outbox_key(seq) for _, seq in res.outcomes]
 
 
 def entry(cid: str, cell: str, server: str | None, action: str = "reboot",

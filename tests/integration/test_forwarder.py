@@ -1,0 +1,147 @@
+"""The forwarder end to end with real processes: ``fastpath forwarder`` + two ``fastpath cell``
++ ``cellsync``; commands enter the outbox through the store's command API
+(``fastpath.store.commands.run_group`` + ``CommandTxn.put_outbox``, as the API's group commit
+writes them, docs/commands.md) and come back as servers in the store.  The forwarder is
+killed with SIGKILL while commands are queued and started again: every command reaches its
+cell's inbox exactly once and the outbox ends empty."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastpath.cell.registry import cell_path, open_cell
+from fastpath.forwarder import outbox_stats, read_stats
+from fastpath.store import Store
+from fastpath.store.commands import RESIZE_GROW, CommandTxn, run_group
+from tests.integration.test_sync_faults import Proc
+
+CELLS = ("cell1", "cell2")
+FLAVOR = {"id": "1", "name": "m1.tiny", "vcpus": 1, "ram": 512, "disk": 1, "ephemeral": 0,
+          "swap": 0, "extra_specs": {}}
+TIMEOUT = 90.0  # a loaded 2-core machine
+
+
+def submit(store: Store, commands: list[tuple[str, str | None, str, dict[str, Any]]]) -> None:
+    """One group commit of (cell, server, command id, payload) outbox entries."""
+
+    def resize(kind: str) -> None:  # no transaction of this process is open here
+        if kind == RESIZE_GROW:
+            store._grow()
+        else:
+            store._env.set_mapsize(0)
+
+    def work(cell: str, server: str | None, cid: str,
+             payload: dict[str, Any]) -> Callable[[CommandTxn], int]:
+        return lambda c: c.put_outbox(cell, server, cid, payload)
+
+    res = run_group(store, [work(*c) for c in commands], None, resize)
+    assert all(ok for ok, _ in res.outcomes), res.outcomes
+
+
+def payload(cid: str, action: str, **extra: Any) -> dict[str, Any]:
+    return {"action": action, "project_id": "p1", "user_id": "u1", "request_id": cid, **extra}
+
+
+@pytest.fixture()
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in reversed(started):
+        if p.running():
+            p.terminate()
+
+
+def test_outbox_to_cells_to_store_exactly_once_across_a_forwarder_kill(
+        tmp_path: Path, procs: list[Proc], wait_until: Callable[..., Any]) -> None:
+    data = tmp_path / "data"
+    for name in CELLS:
+        open_cell(str(data), name, create=True).close()
+    fast = ("--set", "cell.build_delay=0.05", "--set", "cell.action_delay=0.05",
+            "--set", "cell.poll_interval=0.2")
+    for name in CELLS:
+        procs.append(Proc(f"cell-{name}", ("fastpath", "cell", "--name", name, "--data-dir",
+                                           str(data), *fast), tmp_path))
+    procs.append(Proc("cellsync", ("cellsync", "--data-dir", str(data), "--interval", "0.05"),
+                      tmp_path))
+    fwd = Proc("forwarder", ("fastpath", "forwarder", "--data-dir", str(data),
+                             "--set", "forwarder.poll_interval=0.2"), tmp_path)
+    procs.append(fwd)
+
+    store = Store.open(data, map_size=1 << 26)
+    try:
+        servers = {str(uuidlib.UUID(int=i + 1, version=4)): CELLS[i % 2] for i in range(16)}
+        sent: dict[str, list[str]] = {name: [] for name in CELLS}
+
+        def command(u: str, action: str, **extra: Any) -> tuple[str, str, str, dict[str, Any]]:
+            cid = f"req-{uuidlib.uuid4()}"
+            sent[servers[u]].append(cid)
+            return servers[u], u, cid, payload(cid, action, **extra)
+
+        uuids = list(servers)
+        submit(store, [command(u, "create", host=None, server={
+            "uuid": u, "project_id": "p1", "user_id": "u1", "name": f"vm-{i}", "flavor": FLAVOR,
+            "image_ref": "img-1", "metadata": {"i": str(i)}}) for i, u in enumerate(uuids)])
+        # Commands queued behind each create, in order per server (reboot, then stop).
+        submit(store, [command(u, "reboot", type="SOFT") for u in uuids])
+        evens = uuids[::2]
+        submit(store, [command(u, "stop") for u in evens])
+
+        def settled() -> bool:
+            with store.read() as r:
+                depth, _ = outbox_stats(r)
+                recs = {u: r.get_server(u) for u in uuids}
+            if depth or any(rec is None for rec in recs.values()):
+                return False
+            want = {u: ("stopped" if u in evens else "active") for u in uuids}
+            return all((rec["vm_state"], rec["task_state"]) == (want[u], None)
+                       for u, rec in recs.items() if rec is not None)
+
+        wait_until(settled, TIMEOUT, lambda: f"the servers to settle; {fwd.stderr()[-2000:]}")
+
+        # The forwarder dies (SIGKILL); commands keep coming and wait in the outbox.
+        fwd.kill9()
+        doomed = uuids[:5]
+        submit(store, [command(u, "delete") for u in doomed])
+        with store.read() as r:
+            depth, oldest = outbox_stats(r)
+        assert depth == 5 and oldest is not None
+        fwd2 = Proc("forwarder-2", ("fastpath", "forwarder", "--data-dir", str(data),
+                                    "--set", "forwarder.poll_interval=0.2"), tmp_path)
+        procs.append(fwd2)
+
+        def deleted() -> bool:
+            with store.read() as r:
+                if outbox_stats(r)[0]:
+                    return False
+                return all(r.get_server(u) is None and r.tombstone(u) is not None
+                           for u in doomed)
+
+        wait_until(deleted, TIMEOUT, lambda: f"the deletes; {fwd2.stderr()[-2000:]}")
+    finally:
+        store.close()
+
+    # Every command reached its cell exactly once, in order, and was finished once.
+    for name in CELLS:
+        conn = sqlite3.connect(cell_path(str(data), name))
+        try:
+            rows = conn.execute("SELECT command_id, state FROM inbox ORDER BY received_at"
+                                ).fetchall()
+        finally:
+            conn.close()
+        assert [cid for cid, _ in rows] == sent[name]
+        assert {state for _, state in rows} == {"done"}
+    stats = read_stats(str(data))
+    assert stats is not None and sum(c["delivered_total"] for c in stats["cells"].values()) > 0
+    assert all(p.running() for p in procs if p is not fwd)
+    for p in reversed(procs):
+        if p.running():
+            assert p.terminate() == 0, p.stderr()
+    cp = Proc("verify", ("fastpath", "verify", "--data-dir", str(data)), tmp_path)
+    assert cp.wait(120) == 0, cp.stdout() + cp.stderr()
+    assert cp.stdout().splitlines()[-1] == "checked 16 servers in 2 cells: 0 divergent"
