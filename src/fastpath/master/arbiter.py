@@ -27,7 +27,8 @@ its databases after the fork.  A sidecar that dies is restarted with the workers
 is older than ``master.sidecar_timeout`` is killed and restarted.  On SIGHUP the set of
 sidecars follows the new settings (cells added or removed, cellsync or the forwarder
 turned on or off), and a running sidecar is restarted (stopped first, then started with
-the new settings) only if a setting it reads changed (``SIDECAR_PREFIXES``).
+the new settings) only if a setting it reads changed (``SIDECAR_PREFIXES``); the others
+keep running (cellsync finds added cells by itself).
 
 Signals: TERM graceful stop; INT and QUIT quick stop; HUP reload the configuration and
 replace the workers one by one (the new worker of an index is ready before the old one is
@@ -74,8 +75,12 @@ log = logging.getLogger("fastpath.master")
 # more when standalone.cells names more cells, plus room for cells added by a reload.
 SIDECAR_SLOTS = 4
 SIDECAR_SPARE_SLOTS = 4
-# A sidecar is restarted on reload only if a setting under one of these changed.
-SIDECAR_PREFIXES = ("cell.", "cellsync.", "forwarder.", "store.", "standalone.", "log.")
+# A sidecar is restarted on reload only if a setting it reads changed: these prefixes.
+SIDECAR_PREFIXES: dict[int, tuple[str, ...]] = {
+    ROLE_CELL: ("cell.", "log."),
+    ROLE_CELLSYNC: ("cellsync.", "store.", "log."),
+    ROLE_FORWARDER: ("forwarder.", "store.", "log."),
+}
 # A worker that dies sooner than this after it started counts as crash-looping: its next
 # respawn waits twice as long as the last one (from BACKOFF_FIRST up to
 # master.respawn_backoff_max); one that lived longer is respawned at once.
@@ -651,7 +656,7 @@ class Master:
                 sc.removed = True
                 if proc is not None:
                     self._retire(proc, "no longer in the settings")
-            elif _sidecar_settings_changed(sc.settings, new):
+            elif _sidecar_settings_changed(sc.role, sc.settings, new):
                 sc.settings, sc.index = new, fresh.index
                 if proc is not None:
                     self._retire(proc, "its settings changed")
@@ -1076,10 +1081,9 @@ def _forwarder_target() -> Callable[[Settings, Control], int] | None:
     return run if callable(run) else None
 
 
-def _sidecar_settings_changed(old: Settings, new: Settings) -> bool:
-    return any(
-        old[k] != new[k] for k in new if k.startswith(SIDECAR_PREFIXES)
-    )
+def _sidecar_settings_changed(role: int, old: Settings, new: Settings) -> bool:
+    prefixes = SIDECAR_PREFIXES[role]
+    return any(old[k] != new[k] for k in new if k.startswith(prefixes))
 
 
 def setup_logging(level: str) -> None:
