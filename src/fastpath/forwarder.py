@@ -38,12 +38,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import lmdb
 import msgpack
 
 from fastpath import wake
 from fastpath.cell.db import SqliteCellDB
 from fastpath.cell.registry import cell_path
-from fastpath.store import layout as L
 
 if TYPE_CHECKING:
     from fastpath.sidecar import Control
@@ -88,14 +88,67 @@ def decode_entry(key: bytes, raw: bytes) -> Entry | None:
 
 def outbox_stats(r: Reader) -> tuple[int, int | None]:
     """(entries in the outbox, ``at`` of the oldest one or None), inside ``r``'s transaction."""
-    depth = r.count(L.OUTBOX)
+    return _outbox_stats(r.txn, r.dbs)
+
+
+def _outbox_stats(txn: Any, dbs: Any) -> tuple[int, int | None]:
+    depth = int(txn.stat(dbs.outbox)["entries"])
     if not depth:
         return 0, None
-    cur = r.txn.cursor(db=r.dbs.outbox)
+    cur = txn.cursor(db=dbs.outbox)
     if not cur.first():
         return 0, None
     e = decode_entry(bytes(cur.key()), bytes(cur.value()))
     return depth, None if e is None else e.at
+
+
+def metric_lines(store: Store, data_dir: str) -> list[str]:
+    """The forwarder's ``/metrics`` series: outbox depth and age from ONE store read
+    transaction, delivered/failed per cell from ``run/forwarder.json``.
+
+    The read is not counted in the worker's store counters: they measure the requests'
+    budget (one read per query), and a scrape must not move them.
+    """
+    env = store._env
+    try:
+        txn = env.begin(buffers=True)
+    except lmdb.MapResizedError:
+        env.set_mapsize(0)  # another process grew the map (as Store._begin_read does)
+        txn = env.begin(buffers=True)
+    try:
+        depth, oldest = _outbox_stats(txn, store.dbs)
+    finally:
+        txn.abort()
+    age = 0.0 if oldest is None else max(0.0, time.time() - oldest / 1e6)
+    lines = [
+        "# HELP fastpath_outbox_depth Commands accepted by the API and not yet delivered to "
+        "their cell (one store read per scrape, not counted in fastpath_store_read_txn_total).",
+        "# TYPE fastpath_outbox_depth gauge",
+        f"fastpath_outbox_depth {depth}",
+        "# HELP fastpath_outbox_oldest_age_seconds Age of the oldest undelivered command.",
+        "# TYPE fastpath_outbox_oldest_age_seconds gauge",
+        f"fastpath_outbox_oldest_age_seconds {age:.3f}",
+    ]
+    stats = read_stats(data_dir)
+    cells = stats.get("cells") if stats is not None else None
+    if isinstance(cells, dict):
+        for name, key, kind, text in (
+            ("fastpath_forwarder_delivered_total", "delivered_total", "counter",
+             "Commands the forwarder delivered to the cell's inbox since it started."),
+            ("fastpath_forwarder_failures_total", "failures_total", "counter",
+             "Failed deliveries to the cell (each followed by a back-off) since it started."),
+        ):
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            for cell in sorted(cells):
+                v = cells[cell].get(key) if isinstance(cells[cell], dict) else None
+                if isinstance(v, int) and not isinstance(v, bool):
+                    lines.append(f'{name}{{cell="{_label(cell)}"}} {v}')
+    return lines
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value (cell names are letters, digits, '-' and '_' already)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def remove_outbox(store: Store, entries: Sequence[tuple[bytes, bytes]]) -> int:

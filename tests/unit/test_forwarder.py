@@ -306,3 +306,23 @@ def test_a_stale_delete_leaves_a_reused_key_alone(
     assert k2 == k  # the outbox was empty: the key is reused
     assert remove_outbox(store, [(k, old)]) == 0
     assert outbox_ids(store) == ["new"]
+
+
+def test_metric_lines_read_the_store_once_uncounted(
+        store: Store, data: Path, cells: dict[str, SqliteCellDB]) -> None:
+    from fastpath.forwarder import metric_lines
+
+    put_outbox(store, [entry("m1", "ghost", S1, at=1_000_000), entry("m2", "cell1", S2)])
+    fwd, _, _ = make(store, data)
+    fwd.round()
+    fwd.write_stats(force=True)
+    reads = store.read_txns
+    lines = metric_lines(store, str(data))
+    assert store.read_txns == reads  # a scrape does not move the requests' budget counters
+    values = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1])
+              for ln in lines if not ln.startswith("#")}
+    assert values["fastpath_outbox_depth"] == 1
+    assert values["fastpath_outbox_oldest_age_seconds"] > 1e9  # at = 1 s after the epoch
+    assert values['fastpath_forwarder_delivered_total{cell="cell1"}'] == 1
+    assert values['fastpath_forwarder_failures_total{cell="ghost"}'] == 1
+    assert values['fastpath_forwarder_delivered_total{cell="ghost"}'] == 0

@@ -250,6 +250,9 @@ def build_plan(
     ]
     # Route names are filled below, once the table is complete.
     metrics = Metrics(shm, [], data_dir=settings["data_dir"])
+    from fastpath import forwarder
+
+    metrics.add_source(lambda: forwarder.metric_lines(store, settings["data_dir"]))
     routes.append(RouteSpec("GET", "/metrics", metrics, auth=False, versioned=False))
     if settings["debug.test_routes"]:
         routes.append(RouteSpec("GET", "/debug/sleep", _debug_sleep, auth=False, versioned=False))
