@@ -265,6 +265,9 @@ def build_plan(
     from fastpath.api import metadata_commands
 
     routes += metadata_commands.routes(ctx)
+    from fastpath.api import server_commands
+
+    routes += server_commands.routes(ctx)
     metrics.names = ["unmatched"] + [f"{r.method} {r.template}" for r in routes]
     if len(routes) + 1 > shm_layout.MAX_ROUTES:
         raise ValueError(f"{len(routes)} routes exceed the metrics table ({shm_layout.MAX_ROUTES})")
