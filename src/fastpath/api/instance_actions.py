@@ -30,6 +30,7 @@ from fastpath.api.context import ApiContext
 from fastpath.api.links import Links, collection_links
 from fastpath.api.routes import API_ROOT, RouteSpec
 from fastpath.errors import BadRequest, NotFound
+from fastpath.store import record as R
 from fastpath.store.reader import Reader
 
 _SCHEMA_V258: dict[str, Q.Check] = {**Q.PAGINATION, "changes-since": Q.date_time}
@@ -89,7 +90,8 @@ def server_actions(r: Reader, req: Any, server_id: str) -> tuple[str, list[dict[
     (a server of another project is not found for a non-admin)."""
     rec = r.get_server(server_id)
     if rec is not None:
-        project, actions = rec["project_id"], rec["actions"]
+        # The effective record: a command may predict its action (a pending "actions").
+        project, actions = rec["project_id"], R.effective(rec)["actions"]
     else:
         t = r.tombstone(server_id) if req.version >= 21 else None
         if t is None:

@@ -265,6 +265,9 @@ def build_plan(
     from fastpath.api import metadata_commands
 
     routes += metadata_commands.routes(ctx)
+    from fastpath.api import catalog_commands
+
+    routes += catalog_commands.routes(ctx)
     from fastpath.api import server_commands
 
     routes += server_commands.routes(ctx)

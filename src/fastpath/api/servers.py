@@ -385,7 +385,8 @@ class ServerRoutes:
         rec = r.get_server(server_id)
         if rec is None:
             raise _not_found(server_id)
-        return rec
+        # Accepted commands show at once (read-your-writes: docs/commands.md).
+        return dict(R.effective(rec))
 
     @staticmethod
     def _addresses(rec: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
