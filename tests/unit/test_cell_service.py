@@ -165,18 +165,21 @@ def test_update_metadata_and_tags(db: SqliteCellDB, active: tuple[CellService, C
     send(db, "m3", U1, "metadata", op="delete", key="a")
     send(db, "t1", U1, "tags", op="add", tag="t2")
     send(db, "t2", U1, "tags", op="delete", tag="t1")
-    assert svc.step(clock.t) == 6
+    v = inst(db)["instance"]["version"]
+    # One change per server per transaction: one command per step, each its own version.
+    assert [svc.step(clock.t) for _ in range(7)] == [1, 1, 1, 1, 1, 1, 0]
+    assert inst(db)["instance"]["version"] == v + 6
     rows = inst(db)
     i = rows["instance"]
     assert (i["name"], i["description"], i["hostname"]) == ("renamed", "d", "h-1")
     assert rows["metadata"] == {"b": "2", "c": "3"} and rows["tags"] == ["t2"]
     send(db, "m4", U1, "metadata", op="replace", metadata={"z": "9"})
     send(db, "t3", U1, "tags", op="replace", tags=["x", "y"])
-    svc.step(clock.t)
+    settle(svc, db, clock)
     assert inst(db)["metadata"] == {"z": "9"} and inst(db)["tags"] == ["x", "y"]
     send(db, "t4", U1, "tags", op="clear")
     send(db, "bad", U1, "tags", op="explode")
-    svc.step(clock.t)
+    settle(svc, db, clock)
     assert inst(db)["tags"] == [] and finished(db, "bad") == "failed"
     assert all(finished(db, c) == "done" for c in ("u1", "m1", "m2", "m3", "t1", "t2", "t3"))
     # Nova records no instance action for these (only the create, and the refused one).

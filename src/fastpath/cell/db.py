@@ -1338,3 +1338,27 @@ class SqliteCellDB(CellDB):
                     event = dict(zip(EVENT_COLUMNS, row, strict=True))
                     events[event.pop("action_id")].append(event)
         return {u: out[u] for u in dict.fromkeys(uuids) if u in out}
+
+    @contextmanager
+    def atomic(self) -> Iterator[SqliteCellDB]:
+        """A unit that commits or rolls back alone: :meth:`transaction` when none is open,
+        else a SAVEPOINT inside the open one (the cell service runs many commands' phases in
+        one transaction, one savepoint each, so a refused one leaves the others' writes)."""
+        if not self._depth:
+            with self.transaction():
+                yield self
+            return
+        dirty = dict(self._dirty)
+        self._conn.execute("SAVEPOINT unit")
+        self._depth += 1
+        try:
+            yield self
+        except BaseException:
+            self._conn.execute("ROLLBACK TO unit")
+            self._conn.execute("RELEASE unit")
+            self._dirty = dirty  # what the rolled-back unit touched gets no version step
+            raise
+        else:
+            self._conn.execute("RELEASE unit")
+        finally:
+            self._depth -= 1
