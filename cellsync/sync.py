@@ -357,26 +357,35 @@ class CellSync:
         at_least = max((top >> EPOCH_SHIFT) + 1, int((known or {}).get("epoch", -1)) + 1)
         epoch = db.start_epoch(at_least)
         log.warning("cell %s: started epoch %d", cell, epoch)
-        res = self.resync(cell, reason="regression")
+        res = self.resync(cell, reason="regression", epoch_check=False)
         res.epoch = epoch
         return res
 
-    def resync(self, cell: str, reason: str = "requested") -> SyncResult:
+    def resync(self, cell: str, reason: str = "requested", *, epoch_check: bool = True
+               ) -> SyncResult:
         db = self.cells[cell]
         st = self._state(cell)
-        st.resyncs_total += 1
         feed = db.read_feed(0, 0)  # BEFORE the scan: everything up to max_seq is in it
         top = feed.max_seq
-        res = SyncResult(cell, resynced=True, reason=reason)
         versions = db.all_instance_versions()
         present = {u for u, _, _ in versions}
         with self.store.read() as r:
             known = r.cell(cell)
-            orphans = [
-                Tombstone(u, v, project, created, now_us())
-                for u, v, project, created in store_servers_of(r, cell)
-                if u not in present and v > 0
-            ]
+            mine = {u: (v, project, created) for u, v, project, created in store_servers_of(r, cell)}
+            behind = epoch_check and any(
+                (mine[u][0] if u in mine else r.tombstone_version(u) or 0) > v
+                for u, v, _ in versions)
+        if behind:
+            # The store holds versions the cell has not reached: it went back in time (e.g.
+            # restored, and its feed pruned so that the cursor could not tell).  Only a new
+            # epoch lets its servers win again.
+            log.warning("cell %s: the store holds newer versions than the cell (resync %s)",
+                        cell, reason)
+            return self.restart_epoch(cell)
+        st.resyncs_total += 1
+        res = SyncResult(cell, resynced=True, reason=reason)
+        orphans = [Tombstone(u, v, project, created, now_us())
+                   for u, (v, project, created) in mine.items() if u not in present and v > 0]
         res.orphans = len(orphans)
         uuids = [u for u, _, _ in versions]
         i = 0

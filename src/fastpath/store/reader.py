@@ -110,6 +110,12 @@ class Reader:
         final = msgpack.unpackb(v[off:], raw=False)
         return TombstoneInfo(version, project.decode(), created, deleted, final)
 
+    def tombstone_version(self, u: str | bytes) -> int | None:
+        """The version of a server's tombstone, without decoding its final record."""
+        k = L.parse_uuid(u)
+        v = None if k is None else self._txn.get(k, db=self._d.tombstones)
+        return None if v is None else L.frame_version(v)
+
     def view(self, u: str | bytes, view_id: ViewId) -> Buf | None:
         """A server's rendered view fragment (JSON bytes), or None."""
         k = L.parse_uuid(u)
