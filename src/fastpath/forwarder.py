@@ -4,8 +4,9 @@ The "RPC that writes to disk and returns" (DESIGN.md "Data flow"; the contract i
 docs/commands.md).  An API command commits an outbox entry and rings the ``forwarder``
 bell; this process then, in rounds:
 
-1. reads up to ``forwarder.batch`` outbox entries in key order (commit order), in one read
-   transaction;
+1. reads outbox entries in key order (commit order), in one read transaction, until it has
+   ``forwarder.batch`` deliverable ones (entries of a cell that is backing off are walked
+   past, at most ``16 * batch`` per round, so they do not hold the other cells back);
 2. groups them by cell and delivers each cell's entries, in order, with one SQL transaction
    per cell (``CellDB.accept_commands``: ``INSERT OR IGNORE`` by command id, so a
    re-delivery after a crash between steps 2 and 4 is ignored by the inbox);
