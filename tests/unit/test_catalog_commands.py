@@ -5,7 +5,6 @@ write, no write when refused before the commit."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -16,44 +15,14 @@ from fastpath.store import Batch, Upsert
 from fastpath.store.changes import Catalog
 from fastpath.store.samples import sample_record
 from tests.unit.catalog_support import ADMIN_TOKEN, PROJECT, TOKEN, USER, Server, sample, seed
-from tests.unit.conftest import Response, request
+from tests.unit.command_support import cmd, err, get
+from tests.unit.conftest import Response
 
 
 @pytest.fixture
 def srv(make_server: Any) -> Server:
     s: Server = make_server(extra_routes=False)
     return s
-
-
-def cmd(s: Server, method: str, target: str, body: Any = None, token: str = TOKEN,
-        version: str = "2.1", budget: tuple[int, int] | None = None) -> Response:
-    """One write; asserts the store budget (see the module docstring)."""
-    raw = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    store = s.plan.context.store
-    reads, writes = store.read_txns, store.write_txns
-    hs = [f"X-Auth-Token: {token}", f"OpenStack-API-Version: compute {version}"]
-    r = s.exchange(request(target, *hs, method=method, body=raw)).wait(1, timeout=30)[0]
-    spent = (store.read_txns - reads, store.write_txns - writes)
-    if budget is not None:
-        assert spent == budget, (target, r.status, r.body, spent)
-    elif r.status < 300:
-        assert spent == (1, 1), (target, r.status, r.body, spent)
-    else:
-        assert spent[0] <= 1 and spent[1] == 0, (target, r.status, r.body, spent)
-    return r
-
-
-def get(s: Server, target: str, token: str = TOKEN, version: str = "2.1") -> Response:
-    hs = [f"X-Auth-Token: {token}", f"OpenStack-API-Version: compute {version}"]
-    return s.exchange(request(target, *hs)).one()
-
-
-def err(r: Response, status: int) -> str:
-    names = {400: "badRequest", 403: "forbidden", 404: "itemNotFound", 409: "conflictingRequest"}
-    assert r.status == status, (r.status, r.body)
-    body = r.json()
-    assert list(body) == [names[status]] and body[names[status]]["code"] == status, body
-    return str(body[names[status]]["message"])
 
 
 KP = f"/v2.1/{PROJECT}/os-keypairs"

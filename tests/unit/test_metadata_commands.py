@@ -15,7 +15,9 @@ from fastpath.api.views import render_server
 from fastpath.store import Batch, Upsert
 from fastpath.store.changes import Catalog, CatalogPut
 from fastpath.store.samples import sample_record
+from tests.unit import command_support
 from tests.unit.catalog_support import ADMIN_TOKEN, PROJECT, TOKEN, Server
+from tests.unit.command_support import err
 from tests.unit.conftest import Response, request
 
 U = "1f0e5b7a-3c55-4a43-9f0e-6f6b7a3c2d10"
@@ -37,38 +39,13 @@ def put_server(s: Server, uuid: str = U, version: int = 1, **fields: Any) -> Non
 
 def cmd(s: Server, method: str, target: str, body: Any = None, token: str = TOKEN,
         version: str = "2.26", budget: tuple[int, int] | None = None) -> Response:
-    """One write request; checks the store budget: ``budget`` (reads, writes) if given, else
-    (1, 1) for a 2xx answer and (<= 1, 0) for any refusal."""
-    raw = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    store = s.plan.context.store
-    reads, writes = store.read_txns, store.write_txns
-    hs = [f"X-Auth-Token: {token}", f"OpenStack-API-Version: compute {version}"]
-    if raw is not None:
-        hs.append("Content-Type: application/json")
-    r = s.exchange(request(target, *hs, method=method, body=raw)).wait(1)[0]
-    spent = (store.read_txns - reads, store.write_txns - writes)
-    if budget is not None:
-        assert spent == budget, (target, r.status, r.body, spent)
-    elif r.status < 300:
-        assert spent == (1, 1), (target, r.status, r.body, spent)
-    else:
-        assert spent[0] <= 1 and spent[1] == 0, (target, r.status, r.body, spent)
-    return r
+    return command_support.cmd(s, method, target, body, token, version, budget)
 
 
 def get(s: Server, target: str, token: str = TOKEN, version: str = "2.26") -> Any:
-    hs = [f"X-Auth-Token: {token}", f"OpenStack-API-Version: compute {version}"]
-    r = s.exchange(request(target, *hs)).one()
+    r = command_support.get(s, target, token, version)
     assert r.status == 200, r.body
     return r.json()
-
-
-def err(r: Response, status: int) -> str:
-    names = {400: "badRequest", 403: "forbidden", 404: "itemNotFound", 409: "conflictingRequest"}
-    assert r.status == status, (r.status, r.body)
-    body = r.json()
-    assert list(body) == [names[status]] and body[names[status]]["code"] == status, body
-    return str(body[names[status]]["message"])
 
 
 def outbox(s: Server) -> list[dict[str, Any]]:

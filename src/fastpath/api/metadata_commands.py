@@ -150,23 +150,36 @@ class MetadataRoutes:
         self.ctx = ctx
         self.store = ctx.store
 
-    async def _submit(self, caller: Caller, server_id: str, action: str, change: MetadataChange,
-                      quota: bool, payload: dict[str, Any]) -> dict[str, str]:
-        """Validate in the read transaction, then write pending + outbox in the group commit;
-        returns the server's metadata after the command."""
+    async def _command(self, caller: Caller, server_id: str, field: str,
+                       plan: Callable[[Reader], tuple[dict[str, Any], Any]],
+                       payload: dict[str, Any]) -> Any:
+        """One ``metadata``/``tags`` command: ``plan(reader)`` -> (server record, the
+        field's new value, or None when there is nothing to do) or the refusal, run in the
+        read transaction (a refusal writes nothing) and again inside the write transaction,
+        where the pending entry and the outbox entry are written.  Returns the new value."""
         with self.store.read() as r:
-            metadata_command(r, server_id, caller, action, change, quota)
+            if plan(r)[1] is None:
+                return None
 
-        def work(c: CommandTxn) -> dict[str, str]:
-            rec, new = metadata_command(c.reader, server_id, caller, action, change, quota)
-            c.set_pending(server_id, caller.command_id, {"metadata": new})
-            c.put_outbox(rec["cell"], server_id, caller.command_id,
-                         _payload(caller, "metadata", payload))
+        def work(c: CommandTxn) -> Any:
+            rec, new = plan(c.reader)
+            if new is not None:
+                c.set_pending(server_id, caller.command_id, {field: new})
+                c.put_outbox(rec["cell"], server_id, caller.command_id,
+                             _payload(caller, field, payload))
             return new
 
         committer = self.ctx.committer
         assert committer is not None
         return await committer.submit(work)
+
+    async def _submit(self, caller: Caller, server_id: str, action: str, change: MetadataChange,
+                      quota: bool, payload: dict[str, Any]) -> dict[str, str]:
+        """A metadata command; returns the server's metadata after it."""
+        new: dict[str, str] = await self._command(
+            caller, server_id, "metadata",
+            lambda r: metadata_command(r, server_id, caller, action, change, quota), payload)
+        return new
 
     async def replace_metadata(self, req: Any) -> tuple[int, bytes]:
         body = V.json_body(req)
@@ -215,26 +228,14 @@ class MetadataRoutes:
     async def _submit_tags(self, req: Any, rule: str, action: str,
                            change: Callable[[list[str]], list[str] | None],
                            payload: dict[str, Any]) -> list[str] | None:
-        """Like :meth:`_submit` for tags; ``change`` returns None when nothing is to be done
-        (then nothing is written).  Returns the server's tags after the command, or None."""
+        """A tags command; ``change`` returns None when nothing is to be done (nothing is
+        written then).  Returns the server's tags after the command, or None."""
         caller = Caller.of(req)
         server_id = req.params[0]
-        with self.store.read() as r:
-            if tags_command(r, server_id, caller, rule, action, change)[1] is None:
-                return None
-
-        def work(c: CommandTxn) -> list[str] | None:
-            rec, new = tags_command(c.reader, server_id, caller, rule, action, change)
-            if new is None:
-                return None
-            c.set_pending(server_id, caller.command_id, {"tags": new})
-            c.put_outbox(rec["cell"], server_id, caller.command_id,
-                         _payload(caller, "tags", payload))
-            return new
-
-        committer = self.ctx.committer
-        assert committer is not None
-        return await committer.submit(work)
+        new: list[str] | None = await self._command(
+            caller, server_id, "tags",
+            lambda r: tags_command(r, server_id, caller, rule, action, change), payload)
+        return new
 
     async def replace_tags(self, req: Any) -> tuple[int, bytes]:
         _check_version(req)
