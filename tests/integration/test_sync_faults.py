@@ -390,7 +390,7 @@ def test_deletes_racing_updates_across_kills_stay_deleted(
     gone = rig.assert_nothing_resurrected([rep])
 
     # Through a real API process: the deleted servers are 404, the live ones 200.
-    server = fastpath_server(workers=1, data_dir=rig.data)
+    server = fastpath_server(workers=1, data_dir=rig.data, sidecars=False)
     db = rig.cell("cell1")
     try:
         rows = {u: db.load_instance(u) for u, _, _ in db.all_instance_versions()}
@@ -451,6 +451,45 @@ def inbox_outcomes(rig: Rig, cell: str) -> dict[str, Any]:
             "duplicate_ips": ips, "servers": servers}
 
 
+def inboxes_done(rig: Rig) -> bool:
+    for c in CELLS:
+        conn = sqlite3.connect(f"file:{cell_path(str(rig.data), c)}?mode=ro", uri=True)
+        try:
+            if conn.execute("SELECT 1 FROM inbox WHERE state = 'new' LIMIT 1").fetchone():
+                return False
+        finally:
+            conn.close()
+    return True
+
+
+def check_commands(rig: Rig, rep: dict[str, Any]) -> None:
+    """Every command of the generator finished exactly once with its expected outcome."""
+    problems: list[str] = []
+    for c in CELLS:
+        got = inbox_outcomes(rig, c)
+        assert set(got["states"]) >= {cid for cid, *_ in rep["commands"][c]}, c
+        for cid, u, action, want in rep["commands"][c]:
+            if got["actions"].get(cid, 0) != 1:
+                problems.append(f"{c} {cid} {action}: {got['actions'].get(cid, 0)} actions")
+            if got["states"][cid] != want:
+                row = got["servers"].get(u) or {}
+                problems.append(f"{c} {cid} {action} {u}: {got['states'][cid]}, expected {want}"
+                                f" (server {row.get('instance', {}).get('vm_state')},"
+                                f" fault {row.get('fault')})")
+        for u in rep["created"][c]:
+            if got["servers"].get(u) is None:
+                problems.append(f"{c} {u}: create command done, no server")
+        for u in rep["deleted"][c]:
+            if got["servers"][u]["instance"]["deleted_at"] is None:
+                problems.append(f"{c} {u}: delete command done, server live")
+        if got["duplicate_ips"]:
+            problems.append(f"{c}: fixed IPs held by two live servers: {got['duplicate_ips']}")
+        if got["open_events"]:
+            problems.append(f"{c}: {len(got['open_events'])} action events never finished,"
+                            f" e.g. {got['open_events'][:3]}")
+    assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems[:40])
+
+
 def test_cell_killed_and_restarted_while_commands_flow(rig: Rig) -> None:
     """Commands stream into both cells' inboxes (some delivered twice, some racing a delete)
     while cell1's process is killed with SIGKILL and restarted, three times, and cellsync
@@ -474,36 +513,8 @@ def test_cell_killed_and_restarted_while_commands_flow(rig: Rig) -> None:
     assert gen.terminate() == 0
     rep = rig.report(gen, out)
     assert rep["duplicates_refused"] > 0
-
-    def all_finished() -> bool:
-        return all(all(s != "new" for s in inbox_outcomes(rig, c)["states"].values())
-                   for c in CELLS)
-
-    rig.wait_until(all_finished, CATCH_UP_TIMEOUT, "every inbox command to finish")
-    problems: list[str] = []
-    for c in CELLS:
-        got = inbox_outcomes(rig, c)
-        assert set(got["states"]) == {cid for cid, *_ in rep["commands"][c]}, c
-        for cid, u, action, want in rep["commands"][c]:
-            if got["actions"].get(cid, 0) != 1:
-                problems.append(f"{c} {cid} {action}: {got['actions'].get(cid, 0)} actions")
-            if got["states"][cid] != want:
-                row = got["servers"].get(u) or {}
-                problems.append(f"{c} {cid} {action} {u}: {got['states'][cid]}, expected {want}"
-                                f" (server {row.get('instance', {}).get('vm_state')},"
-                                f" fault {row.get('fault')})")
-        for u in rep["created"][c]:
-            if got["servers"].get(u) is None:
-                problems.append(f"{c} {u}: create command done, no server")
-        for u in rep["deleted"][c]:
-            if got["servers"][u]["instance"]["deleted_at"] is None:
-                problems.append(f"{c} {u}: delete command done, server live")
-        if got["duplicate_ips"]:
-            problems.append(f"{c}: fixed IPs held by two live servers: {got['duplicate_ips']}")
-        if got["open_events"]:
-            problems.append(f"{c}: {len(got['open_events'])} action events never finished,"
-                            f" e.g. {got['open_events'][:3]}")
-    assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems[:40])
+    rig.wait_until(lambda: inboxes_done(rig), CATCH_UP_TIMEOUT, "every inbox command to finish")
+    check_commands(rig, rep)
     rig.wait_until(lambda: rig.cursors() == rig.max_seqs(), CATCH_UP_TIMEOUT,
                    lambda: f"cellsync to catch up: {rig.cursors()} vs {rig.max_seqs()}")
     for p in (cs, *cells.values()):
@@ -702,3 +713,78 @@ def test_servers_created_while_cellsync_is_down_survive_a_tombstone_purge(rig: R
     assert purged > 0
     rig.catch_up()
     rig.verify_clean(total(rep) + total(rep2))
+
+
+# -- the standalone cloud: sidecars under the master ---------------------------------------------------
+def sidecar_pid(server: Any, role: str, name: str | None = None) -> int | None:
+    for row in server.status():
+        if row["role"] == role and (name is None or row.get("name") == name) and row.get("pid"):
+            return int(row["pid"])
+    return None
+
+
+def test_standalone_sidecars_killed_while_commands_flow(
+    rig: Rig, fastpath_server: Callable[..., Any]
+) -> None:
+    """``fastpath serve`` runs the two cells and cellsync under its master; commands stream
+    into the inboxes while cellsync and a cell are killed with SIGKILL (the master restarts
+    them) and cellsync is frozen (SIGSTOP) for a while; the cells prune their feeds as soon
+    as cellsync acknowledges.  Every command finishes once as it should, verify is clean,
+    the API answers 404 for every deleted server of the sample and 200 for the live ones."""
+    t0 = time.monotonic()
+    server = fastpath_server(workers=1, data_dir=rig.data, args=[
+        *CELL_SETTINGS, "--set", "cell.feed_min_age=0", "--set", "cell.feed_keep=0",
+        "--set", "cell.maintenance_interval=0.1", "--set", "cellsync.ack_interval=0.1",
+        "--set", "cellsync.poll_interval=0.05", "--set", "standalone.forwarder=false"])
+    rig.wait_until(lambda: all(sidecar_pid(server, "cell", c) for c in CELLS)
+                   and sidecar_pid(server, "cellsync"), START_TIMEOUT, "the sidecars")
+    gen, out = rig.changegen("--mode", "inbox", "--duration", "60", "--rate", "100")
+    faults = ["cellsync", "cellsync", ("cell", "cell1"), "cellsync", ("cell", "cell2"), "stop"]
+    for fault in faults:
+        time.sleep(rig.rng.uniform(0.3, 0.8))
+        assert gen.running(), gen.stderr()
+        role, name = fault if isinstance(fault, tuple) else ("cellsync", None)
+        pid = sidecar_pid(server, role, name)
+        assert pid is not None
+        if fault == "stop":  # frozen, as in a long GC pause or a stopped VM, then thawed
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(rig.rng.uniform(0.5, 1.5))
+            os.kill(pid, signal.SIGCONT)
+            continue
+        os.kill(pid, signal.SIGKILL)
+        rig.wait_until(lambda r=role, n=name, old=pid: sidecar_pid(server, r, n) not in (None, old),
+                       30, f"the master to restart {role} {name or ''}")
+    assert gen.terminate() == 0
+    rep = rig.report(gen, out)
+    rig.wait_until(lambda: inboxes_done(rig), CATCH_UP_TIMEOUT, "every inbox command to finish")
+    check_commands(rig, rep)
+    rig.wait_until(lambda: rig.cursors() == rig.max_seqs(), CATCH_UP_TIMEOUT,
+                   lambda: f"cellsync to catch up: {rig.cursors()} vs {rig.max_seqs()}")
+    pruned = {}
+    for c in CELLS:
+        db = rig.cell(c)
+        try:
+            pruned[c] = db.min_seq() - 1
+        finally:
+            db.close()
+    rig.verify_clean(total(rep))
+    rig.assert_nothing_resurrected([rep])
+    truth = cell_truth(rig)
+    sample = {c: rig.rng.sample(sorted(truth[c]), min(30, len(truth[c]))) for c in CELLS}
+    projects = {}
+    for c in CELLS:
+        db = rig.cell(c)
+        try:
+            projects.update({u: db.load_instance(u)["instance"]["project_id"]  # type: ignore[index]
+                             for u in sample[c]})
+        finally:
+            db.close()
+    seen = set()
+    for c in CELLS:
+        for u in sample[c]:
+            want = 404 if truth[c][u][1] == "delete" else 200
+            r = server.get(f"/v2.1/servers/{u}", {"X-Auth-Token": f"fake:{projects[u]}"})
+            assert r.status == want, (c, u, truth[c][u], r.status, r.body[:200])
+            seen.add(want)
+    print(f"{len(faults)} faults; feeds pruned up to {pruned}; statuses seen {sorted(seen)};"
+          f" {time.monotonic() - t0:.1f} s")
