@@ -298,3 +298,77 @@ def test_projection_orders_newest_first(cell: SqliteCellDB) -> None:
     assert [e["event"] for e in rec["actions"][2]["events"]] == ["e2", "e1"]
     assert rec["actions"][2]["updated_at"] == 13
     assert rec["actions"][0]["updated_at"] == 20 and rec["actions"][0]["events"] == []
+
+
+def test_end_to_end_through_the_cell(srv: Server, tmp_path: Path) -> None:
+    """API command -> outbox -> forwarder -> cell inbox -> cell service -> feed -> cellsync ->
+    store: the reboot's action and events come up (GET os-instance-actions), the metadata
+    command's pending overlay gives way to the cell's own value, with no flicker."""
+    from cellsync.sync import CellSync
+    from fastpath.forwarder import Forwarder
+    from tests.unit.cell_support import make_service
+    from tests.unit.command_support import cmd, get
+
+    data_dir = srv.data_dir
+    (Path(data_dir) / "cells").mkdir(exist_ok=True)
+    cell = SqliteCellDB(str(Path(data_dir) / "cells" / "cell1.sqlite"))
+    store = srv.plan.context.store
+    try:
+        svc = make_service(cell, build_delay=0.0, action_delay=0.0)
+        sync = CellSync(store, {"cell1": cell})
+        forwarder = Forwarder(store, data_dir, ring=lambda name: None)
+        uuid = "7d2a0a9e-1c1b-4f0e-9a55-0b7e1f2d3c4a"
+        flavor = {"id": "1", "name": "m1.small", "vcpus": 1, "ram": 512, "disk": 1,
+                  "ephemeral": 0, "swap": 0, "extra_specs": {}}
+        cell.accept_command("req-create-1", {
+            "action": "create", "project_id": PROJECT, "user_id": "fake",
+            "request_id": "req-create-1", "server": {
+                "uuid": uuid, "project_id": PROJECT, "user_id": "fake", "name": "vm",
+                "flavor": flavor, "image_ref": "img-1", "metadata": {"a": "1"}}}, uuid)
+
+        def settle() -> None:
+            for _ in range(20):
+                forwarder.run_until_idle()
+                svc.step(2e9)
+                sync.sync_once("cell1")
+                with store.read() as r:
+                    rec = r.get_server(uuid)
+                    idle = r.count(b"outbox") == 0
+                if idle and rec is not None and not rec["pending"] and not cell.pending_commands():
+                    return
+            raise AssertionError("did not settle")
+
+        settle()
+        base = f"/v2.1/servers/{uuid}"
+        assert get(srv, base, version="2.84").json()["server"]["status"] == "ACTIVE"
+        r = cmd(srv, "POST", base + "/metadata", {"metadata": {"b": "2"}}, version="2.84")
+        assert r.json() == {"metadata": {"a": "1", "b": "2"}}
+        assert get(srv, base + "/metadata").json() == {"metadata": {"a": "1", "b": "2"}}
+        r = cmd(srv, "POST", base + "/action", {"reboot": {"type": "SOFT"}}, version="2.84")
+        assert r.status == 202, r.body
+        # The reboot's pending task state refuses a metadata write now (409, as Nova).
+        r = cmd(srv, "POST", base + "/metadata", {"metadata": {"c": "3"}}, version="2.84")
+        assert r.status == 409
+        with store.read() as r2:
+            entries = [msgpack_unpack(v) for _, v in r2.txn.cursor(db=r2.dbs.outbox)]
+        assert [e["payload"]["action"] for e in entries] == ["metadata", "reboot"]
+        reboot_id = entries[1]["id"]
+        settle()
+        assert get(srv, base + "/metadata").json() == {"metadata": {"a": "1", "b": "2"}}
+        listed = get(srv, base + "/os-instance-actions", version="2.84").json()["instanceActions"]
+        assert [a["action"] for a in listed] == ["reboot", "create"]
+        assert listed[0]["request_id"] == reboot_id and listed[1]["request_id"] == "req-create-1"
+        shown = get(srv, f"{base}/os-instance-actions/{reboot_id}", ADMIN_TOKEN, "2.84").json()
+        events = shown["instanceAction"]["events"]
+        assert [e["event"] for e in events] == ["compute_reboot_instance"]
+        assert events[0]["result"] == "Success" and events[0]["finish_time"] is not None
+        with store.read() as r3:
+            assert r3.check() == []
+    finally:
+        cell.close()
+
+
+def msgpack_unpack(raw: Any) -> Any:
+    import msgpack
+
+    return msgpack.unpackb(raw, raw=False)
