@@ -371,3 +371,38 @@ def test_a_restart_mid_phase_resumes_the_command_once(db: SqliteCellDB) -> None:
     assert len(resize) == 1 and len(resize[0]["events"]) == 1
     assert resize[0]["events"][0]["result"] == "Success"
     assert inst(db)["done_commands"].count("r1") == 1
+
+
+def test_create_with_networks_none_gets_no_address(db: SqliteCellDB) -> None:
+    svc, clock = make(db), Clock()
+    send(db, "n1", U1, "create", networks="none", server={
+        "uuid": U1, "project_id": "p1", "user_id": "u1", "name": "vm", "flavor": SMALL})
+    create(db, U2)
+    settle(svc, db, clock)
+    assert state(db, U1) == ("active", None, 1)
+    assert inst(db, U1)["ips"] == [] and inst(db, U1)["vifs"] == []
+    assert inst(db, U2)["ips"][0]["addr"] == "192.168.7.2"  # the first address is still free
+
+
+def test_update_and_rebuild_take_every_field_the_api_sends(
+        db: SqliteCellDB, active: tuple[CellService, Clock]) -> None:
+    svc, clock = active
+    send(db, "u1", U1, "update", access_ip_v4="10.9.9.9", access_ip_v6=None,
+         disk_config="AUTO", description=None)
+    send(db, "u2", U1, "update", name=None)  # the cell never writes a null name
+    settle(svc, db, clock)
+    i = inst(db)["instance"]
+    assert (i["access_ip_v4"], i["disk_config"], i["description"], i["name"]) == \
+        ("10.9.9.9", "AUTO", None, "vm")
+    assert finished(db, "u1") == "done" and finished(db, "u2") == "failed"
+    send(db, "b1", U1, "rebuild", image_ref="img-2", key_name="k2", user_data="ZGF0YQ==",
+         image_properties={"os_distro": "debian"}, trusted_image_certificates=["c1"])
+    settle(svc, db, clock)
+    rows = inst(db)
+    assert (rows["instance"]["key_name"], rows["instance"]["user_data"]) == ("k2", "ZGF0YQ==")
+    assert rows["extra"]["image_properties"] == {"os_distro": "debian"}
+    assert rows["extra"]["trusted_certs"] == ["c1"]
+    send(db, "r1", U1, "resize", flavor=BIG, disk_config="MANUAL")
+    settle(svc, db, clock)
+    assert inst(db)["instance"]["disk_config"] == "MANUAL"
+    assert state(db) == ("resized", None, 1)

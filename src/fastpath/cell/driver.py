@@ -70,12 +70,14 @@ class Spawned:
     host: str
     node: str
     availability_zone: str
-    mac: str
-    ip: str
+    mac: str | None  # None: built without a network (the API's networks "none")
+    ip: str | None
     network: str
 
     def network_info(self) -> list[dict[str, Any]]:
         """The ``set_network`` argument."""
+        if self.mac is None or self.ip is None:
+            return []
         return [{"mac": self.mac, "network": self.network,
                  "ips": [{"addr": self.ip, "version": 4, "type": "fixed"}]}]
 
@@ -102,8 +104,10 @@ class ComputeDriver(abc.ABC):
     action_delay: float = 0.0  # seconds a reboot/stop/start/... stays in its task_state
 
     @abc.abstractmethod
-    def spawn(self, uuid: str, flavor: Mapping[str, Any], host: str | None = None) -> Spawned:
-        """Claim a host (``host`` if it has room) and a fixed IP; DriverFault if impossible."""
+    def spawn(self, uuid: str, flavor: Mapping[str, Any], host: str | None = None,
+              network: bool = True) -> Spawned:
+        """Claim a host (``host`` if it has room) and, with ``network``, a fixed IP and a
+        MAC; DriverFault if impossible."""
 
     @abc.abstractmethod
     def reboot(self, uuid: str, hard: bool = False) -> None: ...
@@ -282,10 +286,11 @@ class SimulatedDriver(ComputeDriver):
             raise DriverFault(500, f"No more fixed IP addresses in {self._pool.network}.")
         return ip
 
-    def spawn(self, uuid: str, flavor: Mapping[str, Any], host: str | None = None) -> Spawned:
+    def spawn(self, uuid: str, flavor: Mapping[str, Any], host: str | None = None,
+              network: bool = True) -> Spawned:
         if uuid in self._servers:  # a retried spawn returns what was claimed
             held_host, needs, held_ip, held_mac = self._servers[uuid]
-            if held_ip is None or held_mac is None:  # restored before its network was set
+            if network and (held_ip is None or held_mac is None):  # restored before its network
                 held_ip = held_ip or self._allocate_ip()
                 held_mac = held_mac or self._new_mac()
                 self._servers[uuid] = (held_host, needs, held_ip, held_mac)
@@ -296,8 +301,8 @@ class SimulatedDriver(ComputeDriver):
         spec = self._pick_host(needs, host)
         if spec is None:
             raise DriverFault(500, NO_VALID_HOST)
-        ip = self._allocate_ip()
-        mac = self._new_mac()
+        ip = self._allocate_ip() if network else None
+        mac = self._new_mac() if network else None
         self._claim(spec.name, needs)
         self._servers[uuid] = (spec.name, needs, ip, mac)
         self._power[uuid] = RUNNING

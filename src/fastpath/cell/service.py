@@ -134,7 +134,11 @@ _CREATE_NESTED = frozenset({"flavor", "metadata", "tags", "security_groups", "ne
                             "volumes", "image_properties", "scheduler_hints",
                             "trusted_image_certificates", "server_groups"})
 _CREATE_KEYS = frozenset(INSTANCE_COLUMNS) | _CREATE_NESTED
-_UPDATE_FIELDS = ("name", "description", "hostname")
+# What ``update`` may set (the API's UPDATE_FIELDS); ``rebuild`` also the _REBUILD_FIELDS.
+_UPDATE_FIELDS = ("name", "description", "hostname", "access_ip_v4", "access_ip_v6",
+                  "disk_config")
+_REBUILD_FIELDS = (*_UPDATE_FIELDS, "key_name", "user_data")
+_NOT_NULL = frozenset({"name", "disk_config"})
 
 
 def payload_uuid(payload: dict[str, Any]) -> str | None:
@@ -280,7 +284,7 @@ class CellService:
                     self.db.update_instance(uuid, task_state=task_states[0], updated_at=_us(now))
                 action_id, event_id = self._begin_action(uuid, command_id, action,
                                                          spec.event, payload, inst, now)
-        except Refused as e:
+        except (Refused, CellDBError) as e:
             self._reject(command_id, uuid, payload, now, str(e))
             return 1
         except DriverFault as e:
@@ -304,6 +308,7 @@ class CellService:
             flavor = payload.get("flavor")
             if not isinstance(flavor, dict) or rows["flavor"] is None:
                 raise Refused("resize: no flavor snapshot in the command")
+            _scalar_fields(payload, ("disk_config",))  # refused now, not in the last phase
             try:
                 host, node = self.driver.resize_claim(uuid, flavor)
             except KeyError as e:
@@ -314,6 +319,7 @@ class CellService:
         elif action == "rebuild":
             if not isinstance(payload.get("image_ref"), str):
                 raise Refused("rebuild: no image_ref in the command")
+            _scalar_fields(payload, _REBUILD_FIELDS)  # refused now, not in the last phase
         elif action == "revertResize":
             if self.db.active_migration(uuid) is None:
                 raise Refused(f"instance {uuid} has no resize to revert")
@@ -332,7 +338,8 @@ class CellService:
         host = payload.get("host")
         try:
             spawned = self.driver.spawn(uuid, server.get("flavor") or {},
-                                        host if isinstance(host, str) else None)
+                                        host if isinstance(host, str) else None,
+                                        network=payload.get("networks") != "none")
         except DriverFault as e:
             fault = e
         except KeyError as e:
@@ -399,10 +406,8 @@ class CellService:
                 self.db.update_instance(uuid, locked=False, locked_by=None, locked_reason=None,
                                         updated_at=ts)
             elif action == "update":
-                fields = {k: payload[k] for k in _UPDATE_FIELDS if k in payload}
-                if "name" in fields and not isinstance(fields["name"], str):
-                    raise Refused("update: name must be a string")
-                self.db.update_instance(uuid, updated_at=ts, **fields)
+                self.db.update_instance(uuid, updated_at=ts,
+                                        **_scalar_fields(payload, _UPDATE_FIELDS))
             elif action == "metadata":
                 self.db.set_metadata(uuid, _metadata_op(rows["metadata"], payload))
             elif action == "tags":
@@ -507,6 +512,7 @@ class CellService:
         """The state change of a successful last phase (inside its transaction)."""
         spec = ACTIONS[job.action]
         uuid, p = job.uuid, job.payload
+        fields: dict[str, Any]
         if job.action == "delete":
             self.db.delete_instance(uuid, deleted_at=ts)
         elif spec.vm_state:
@@ -517,12 +523,14 @@ class CellService:
             if mig is None:
                 raise CellDBError(f"resize of {uuid}: its migration is gone")
             self.db.set_flavor(uuid, mig["new_flavor"])
+            fields = _scalar_fields(p, ("disk_config",))
             self.db.update_instance(uuid, vm_state="resized", task_state=None,
-                                    host=mig["dest_host"], node=mig["dest_node"], updated_at=ts)
+                                    host=mig["dest_host"], node=mig["dest_node"], updated_at=ts,
+                                    **fields)
             self.db.set_migration_status(uuid, job.command_id, "finished", at=ts)
         elif job.action == "revertResize":
             mig = self.db.active_migration(uuid)
-            fields: dict[str, Any] = {}
+            fields = {}
             if mig is not None:
                 self.db.set_flavor(uuid, mig["old_flavor"])
                 src = self.db.host(mig["source_host"]) if mig["source_host"] else None
@@ -532,13 +540,18 @@ class CellService:
                                     task_state=None, updated_at=ts, **fields)
         elif job.action == "rebuild":
             stopped = job.extra["prior"] == "stopped"  # Nova keeps a stopped server stopped
-            fields = {k: p[k] for k in ("name", "description") if isinstance(p.get(k), str)}
+            fields = _scalar_fields(p, _REBUILD_FIELDS)
             self.db.update_instance(uuid, image_ref=p["image_ref"],
                                     vm_state="stopped" if stopped else "active",
                                     power_state=SHUTDOWN if stopped else RUNNING,
                                     task_state=None, launched_at=ts, updated_at=ts, **fields)
             if isinstance(p.get("metadata"), dict):
                 self.db.set_metadata(uuid, {str(k): str(v) for k, v in p["metadata"].items()})
+            extra = {k: p[src] for k, src in (("image_properties", "image_properties"),
+                                              ("trusted_certs", "trusted_image_certificates"))
+                     if src in p}
+            if extra:
+                self.db.update_extra(uuid, **extra)
         elif job.action == "createImage":
             self.db.update_instance(uuid, task_state=None, updated_at=ts)
 
@@ -629,6 +642,19 @@ def _record_flavor(f: dict[str, Any]) -> dict[str, Any]:
     return {"id": str(f["flavor_id"]), "name": f["name"], "vcpus": f["vcpus"],
             "ram": f["memory_mb"], "disk": f["root_gb"], "ephemeral": f["ephemeral_gb"],
             "swap": f["swap"], "extra_specs": dict(f["extra_specs"])}
+
+
+def _scalar_fields(p: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The instance columns among ``names`` that the payload sets, checked (strings, or null
+    where the column allows it); :class:`Refused` otherwise."""
+    out: dict[str, Any] = {}
+    for k in names:
+        if k in p:
+            v = p[k]
+            if not (isinstance(v, str) or (v is None and k not in _NOT_NULL)):
+                raise Refused(f"{k} must be a string")
+            out[k] = v
+    return out
 
 
 def _metadata_op(current: dict[str, str], p: dict[str, Any]) -> dict[str, str]:
