@@ -20,8 +20,8 @@ judged against the first's task state, as in Nova where the API writes it at onc
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 import string
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
@@ -328,14 +328,32 @@ def sanitize_hostname(name: str, default: str | None = None) -> str:
     return h
 
 
+_RID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def random_string(alphabet: str, k: int) -> str:
+    """``k`` characters of ``alphabet`` from the OS's CSPRNG, unbiased (rejection of the
+    bytes past the last whole multiple of the alphabet).  PERF: one ``os.urandom`` call,
+    where ``secrets.choice`` per character made a system call each (~20 us a password)."""
+    n = len(alphabet)
+    limit = 256 - 256 % n
+    out: list[str] = []
+    while len(out) < k:
+        for b in os.urandom(2 * k):
+            if b < limit:
+                out.append(alphabet[b % n])
+                if len(out) == k:
+                    break
+    return "".join(out)
+
+
 def generate_password(length: int = 12) -> str:
-    return "".join(secrets.choice(PASSWORD_SYMBOLS) for _ in range(length))
+    return random_string(PASSWORD_SYMBOLS, length)
 
 
 def reservation_id() -> str:
     """Nova's ``utils.generate_uid('r')``: r- and 8 characters of [a-z0-9]."""
-    alphabet = string.ascii_lowercase + string.digits
-    return "r-" + "".join(secrets.choice(alphabet) for _ in range(8))
+    return "r-" + random_string(_RID_ALPHABET, 8)
 
 
 def flavor_snapshot(f: Mapping[str, Any]) -> dict[str, Any]:
