@@ -228,7 +228,10 @@ def test_create_catalogue_errors(srv: Server) -> None:
     assert create(srv, key_name="mykey").status == 202
     assert fault(create(srv, availability_zone="mars"), 400) == (
         "The requested availability zone is not available")
-    assert fault(create(srv, imageRef=""), 400) == BDM_INVALID
+    assert fault(create(srv, imageRef=""), 400) == "Missing imageRef attribute"
+    assert fault(create(srv, imageRef=None), 400) == "Missing imageRef attribute"
+    assert fault(create(srv, imageRef="", block_device_mapping_v2=[
+        {"source_type": "blank", "destination_type": "volume", "volume_size": 1}]), 400) == BDM_INVALID
     # An image-backed root disk through block_device_mapping_v2.
     r = create(srv, imageRef="", block_device_mapping_v2=[
         {"source_type": "image", "destination_type": "local", "boot_index": 0, "uuid": IMAGE}])
@@ -278,7 +281,7 @@ def test_create_quota(srv: Server) -> None:
     # Metadata items quota.
     store.apply(Batch(catalog=[CatalogPut(Catalog.QUOTA_LIMITS, PROJECT, {"metadata_items": 1})]))
     assert fault(create(srv, metadata={"a": "1", "b": "2"}), 403) == (
-        "Quota exceeded for metadata_items: Requested 2, but already used 0 of 1 metadata_items")
+        "Maximum number of metadata items exceeds 1")
 
 
 def test_multi_create(srv: Server) -> None:

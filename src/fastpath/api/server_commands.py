@@ -565,6 +565,8 @@ class ServerCommands:
         root_image, volumes = _volumes(bdms)
         volume_backed = False
         if not image_id:
+            if not bdms and not s.get("block_device_mapping"):
+                raise BadRequest("Missing imageRef attribute")
             if root_image:
                 image_id = root_image
             elif not any(_boot_index(b) == 0 for b in bdms) and not s.get("block_device_mapping"):
@@ -586,8 +588,7 @@ class ServerCommands:
         limits = Lim.project_limits(r, project)
         md_limit = int(limits.get("metadata_items", 128))
         if md_limit >= 0 and len(md) > md_limit:
-            raise Forbidden(f"Quota exceeded for metadata_items: Requested {len(md)}, but "
-                            f"already used 0 of {md_limit} metadata_items")
+            raise Forbidden(f"Maximum number of metadata items exceeds {md_limit}")
         # availability zone
         cells = r.cells()
         zone = s.get("availability_zone")
