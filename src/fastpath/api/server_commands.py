@@ -493,6 +493,7 @@ class ServerCommands:
         if ctx.committer is None:
             raise ValueError("the API context has no group committer")
         self.committer = ctx.committer
+        self.scheduler = schedule.Scheduler()
         self.actions: dict[str, Callable[[Any, str, Any], Any]] = {
             "reboot": self._reboot,
             "os-stop": self._simple("stop"), "os-start": self._simple("start"),
@@ -590,22 +591,21 @@ class ServerCommands:
         if md_limit >= 0 and len(md) > md_limit:
             raise Forbidden(f"Maximum number of metadata items exceeds {md_limit}")
         # availability zone
-        cells = r.cells()
         zone = s.get("availability_zone")
         if zone is not None:
-            zones = schedule.known_zones(cells, r.availability_zones()) or {DEFAULT_ZONE}
+            zones = self.scheduler.known_zones(r) or {DEFAULT_ZONE}
             if zone not in zones:
                 raise BadRequest("The requested availability zone is not available")
         # quota (again, inside the write transaction)
         count = instances_allowed(r, project, flavor, min_count, max_count)
         # scheduling
         try:
-            places = schedule.choose(r, cells, flavor, zone, count)
+            places = self.scheduler.choose(r, flavor, zone, count)
         except schedule.NoCells as e:
             raise HTTPFault(503, f"No valid host was found. {e}.", ((b"Retry-After", b"5"),)) from None
         if version >= 74 and s.get("host"):
             host = str(s["host"])
-            owner = next((c for c, v in cells.items() if host in (v.get("hosts") or {})), None)
+            owner = self.scheduler.capacity(r).host_cell(host)
             if owner is None:
                 raise BadRequest(f"Compute host {host} could not be found.")
             places = [schedule.Placement(owner, host, zone) for _ in places]
