@@ -321,8 +321,12 @@ class CellSync:
             uuids = list(dict.fromkeys(e.uuid for e in entries))  # one per server
             changes = self._project(cell, db, uuids, res)
             last = entries[-1].seq if entries else None
+            # repair=True: these are the servers' *current* rows, never a stale update, so
+            # the tombstone horizon (meant for stale redeliveries) must not refuse a server
+            # created while this consumer was away and the store purged old tombstones.
             summary = self._apply(st, Batch(changes, cursor=None if last is None else (cell, last),
-                                            catalog=puts, cursor_mark=entries[-1].at if entries else 0))
+                                            catalog=puts, repair=True,
+                                            cursor_mark=entries[-1].at if entries else 0))
             res.servers = len(changes)
             res.summaries.append(summary)
             if last is not None:
@@ -365,16 +369,22 @@ class CellSync:
                ) -> SyncResult:
         db = self.cells[cell]
         st = self._state(cell)
+        # The store first, then the cell: cells never remove rows, so every server the
+        # store holds for the cell now is in the scan below unless the cell lost it (an
+        # orphan).  The other way round, a server created after the scan and applied by
+        # another consumer (the daemon beside `fastpath resync`) would look like one.
+        with self.store.read() as r:
+            known = r.cell(cell)
+            mine = {u: (v, project, created) for u, v, project, created in store_servers_of(r, cell)}
         feed = db.read_feed(0, 0)  # BEFORE the scan: everything up to max_seq is in it
         top = feed.max_seq
         versions = db.all_instance_versions()
         present = {u for u, _, _ in versions}
-        with self.store.read() as r:
-            known = r.cell(cell)
-            mine = {u: (v, project, created) for u, v, project, created in store_servers_of(r, cell)}
-            behind = epoch_check and any(
-                (mine[u][0] if u in mine else r.tombstone_version(u) or 0) > v
-                for u, v, _ in versions)
+        behind = False
+        if epoch_check:
+            with self.store.read() as r:
+                behind = any((mine[u][0] if u in mine else r.tombstone_version(u) or 0) > v
+                             for u, v, _ in versions)
         if behind:
             # The store holds versions the cell has not reached: it went back in time (e.g.
             # restored, and its feed pruned so that the cursor could not tell).  Only a new

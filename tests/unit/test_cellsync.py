@@ -428,7 +428,7 @@ OPS = st.tuples(
 
 
 @settings(max_examples=60, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=st.lists(OPS, min_size=8, max_size=40))
 def test_any_sequence_of_changes_restores_prunes_and_replays_converges(
         tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int]]) -> None:
