@@ -189,7 +189,10 @@ def run_daemon(settings: Settings, ctl: Control) -> int:
     try:
         views.configure(frozenset())
         store = open_store(settings)  # after the fork: an LMDB env never crosses one
-        sync = CellSync(store, {})
+        make = getattr(CellSync, "from_settings", None)  # the cellsync.* tuning settings
+        sync = make(store, {}, settings) if callable(make) else CellSync(store, {})
+        # CellSync keeps its own figures when it has stats(); else the loop computes them.
+        own_stats = not callable(getattr(sync, "stats", None))
         stats = Stats()
         stats_path = cellsync_stats_path(data_dir)
         discovered = -DISCOVER_INTERVAL
@@ -204,7 +207,8 @@ def run_daemon(settings: Settings, ctl: Control) -> int:
             busy = False
             for name, db in list(sync.cells.items()):
                 res = sync.sync_once(name)
-                stats.record(name, res, db.max_seq(), time.monotonic())
+                if own_stats:
+                    stats.record(name, res, db.max_seq(), time.monotonic())
                 busy = busy or bool(res.entries or res.resynced)
             held = stats.publish(stats_path, sync)
             if not busy:
