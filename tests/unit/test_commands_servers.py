@@ -16,6 +16,7 @@ import pytest
 from fastpath.api import views
 from fastpath.api.server_commands import BDM_INVALID
 from fastpath.store import Batch, Upsert
+from fastpath.store import record as R
 from fastpath.store.changes import Catalog, CatalogPut
 from fastpath.store.samples import sample_record
 from tests.unit.catalog_support import ADMIN_TOKEN, BASE, PROJECT, TOKEN, Server, sample
@@ -113,6 +114,19 @@ def outbox(s: Server) -> list[dict[str, Any]]:
         return [msgpack.unpackb(v, raw=False) for _, v in r.dump()["outbox"]]
 
 
+def validate_all(s: Server) -> int:
+    """Every stored record is a complete, valid record; the store's invariants hold."""
+    with s.plan.context.store.read() as rd:
+        n = 0
+        for u in rd.page(None, limit=10_000):
+            rec = rd.get_server(u)
+            assert rec is not None
+            R.validate(rec)
+            n += 1
+        assert rd.check() == []
+    return n
+
+
 def create_body(**server: Any) -> dict[str, Any]:
     body = {"name": "new-server-test", "imageRef": IMAGE, "flavorRef": "1"}
     body.update(server)
@@ -160,6 +174,10 @@ def test_create_sample_request_at_2_1(srv: Server) -> None:
     with srv.plan.context.store.read() as rd:
         assert rd.quota_usage(PROJECT) == {"instances": 1, "cores": 1, "ram": 512}
         assert not rd.check()
+        stored = rd.get_server(uid)
+    assert stored is not None
+    R.validate(stored)  # the provisional record is a complete, valid record
+    assert stored["version"] == 0 and stored["cell"] == "cell1" and stored["pending"] == {}
     # Listed too.
     ids = [x["id"] for x in get(srv, "/v2.1/servers").json()["servers"]]
     assert ids == [uid]
@@ -245,6 +263,7 @@ def test_create_catalogue_errors(srv: Server) -> None:
     v = show(srv, r.json()["server"]["id"])
     assert v["image"] == ""
     assert v["os-extended-volumes:volumes_attached"] == [{"id": "9c5a4b2e-d2f3-4bd3-a1c8-1f2a7c0e2a5b"}]
+    assert validate_all(srv) == 5
 
 
 def test_create_microversion_fields(srv: Server) -> None:
@@ -256,6 +275,7 @@ def test_create_microversion_fields(srv: Server) -> None:
     assert fault(create(srv, "2.90", hostname="bad_host!", networks="auto"), 400).startswith(
         "Invalid input for field/attribute hostname.")
     assert create(srv, "2.94", hostname="host.example.com", networks="auto").status == 202
+    assert validate_all(srv) == 2
 
 
 def test_create_quota(srv: Server) -> None:
@@ -294,6 +314,7 @@ def test_multi_create(srv: Server) -> None:
     assert r.json()["server"]["id"] in {x["id"] for x in servers}
     box = outbox(srv)
     assert len(box) == 3 and len({e["id"] for e in box}) == 3
+    assert validate_all(srv) == 3
 
 
 def test_concurrent_creates_share_commits_and_never_over_admit(srv: Server) -> None:
