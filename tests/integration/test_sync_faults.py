@@ -702,18 +702,12 @@ def test_cell_restored_from_a_backup_mid_stream(rig: Rig) -> None:
 
 
 # -- tombstones purged while cellsync is behind ------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "silent loss: Apply.upsert (src/fastpath/store/apply.py, 'elif self.horizon and "
-    "rec[\"updated_at\"] < self.horizon') refuses an upsert of a server the store does not "
-    "know when its updated_at is below the tombstone horizon, also in cellsync's tail batches "
-    "(repair=False, cellsync/sync.py sync_once) although cellsync projects the cell's *current* "
-    "rows, so such a change is never stale; it is counted as skipped_stale like a version "
-    "drop, the cursor moves past it and nothing repairs it (only fastpath verify sees it)"))
 def test_servers_created_while_cellsync_is_down_survive_a_tombstone_purge(rig: Rig) -> None:
     """cellsync is down while a cell creates servers; meanwhile the store purges its old
     tombstones (retention passed), which raises its tombstone horizon above the new servers'
     ``updated_at``.  When cellsync comes back it reads the servers' *current* rows, so
-    nothing it brings is a stale update: they must all reach the store."""
+    nothing it brings is a stale update: they must all reach the store.  (Found here: the
+    horizon rule of ``Apply.upsert`` refused them in cellsync's tail batches, silently.)"""
     gen, out = rig.changegen("--ops", "300", "--rate", "1000")
     rep = rig.report(gen, out)
     rig.catch_up()
@@ -805,19 +799,13 @@ def test_standalone_sidecars_killed_while_commands_flow(
 
 
 # -- a resync beside a running cellsync ----------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "CellSync.resync (cellsync/sync.py) scans the cell (all_instance_versions) BEFORE it "
-    "reads the store's servers of the cell for orphans: a server the cell creates after the "
-    "scan and another consumer (the running cellsync, while `fastpath resync` runs) applies "
-    "before that store read is taken for an orphan and tombstoned at the version the cell "
-    "still has; a tombstone wins the version tie, so the later feed entries of that version "
-    "are dropped and the live server stays 404 until its next change (reading the store's "
-    "list first, then the cell, closes it: cells never remove rows)"))
 def test_a_resync_beside_a_running_cellsync_keeps_new_servers(rig: Rig) -> None:
     """``fastpath resync`` while the cellsync daemon tails the same cell: a server created
     between the resync's cell scan and its look at the store must survive.  The interleaving
     is injected at that exact point (both consumers in this process, real SQLite and LMDB):
-    with real processes the window is too narrow to hit on purpose."""
+    with real processes the window is too narrow to hit on purpose.  (Found here: the resync
+    scanned the cell before reading the store, took the new server for an orphan and
+    tombstoned it at the version the cell still had, so it stayed 404.)"""
     from cellsync.sync import CellSync
     from fastpath.api import views
 
