@@ -39,7 +39,7 @@ def seed(data: Path) -> None:
     try:
         rec = sample_record(U, seed=1)
         store.apply(Batch([Upsert(U, 1, rec)], catalog=[CatalogPut(
-            Catalog.QUOTA_LIMITS, PROJECT, {"metadata_items": 10_000, "key_pairs": 100_000})]),
+            Catalog.QUOTA_LIMITS, PROJECT, {"metadata_items": 10_000, "key_pairs": -1})]),
             render=views.render_server)
     finally:
         store.close()
