@@ -12,9 +12,11 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastpath.api import views
-from fastpath.api.server_commands import BDM_INVALID
+from fastpath.api.server_commands import BDM_INVALID, CREATE, fast_create_ok
 from fastpath.store import Batch, Upsert
 from fastpath.store import record as R
 from fastpath.store.changes import Catalog, CatalogPut
@@ -546,3 +548,32 @@ def test_create_image(srv: Server) -> None:
     assert (r.status, r.body) == (202, b"")
     assert re.fullmatch(r"http://compute\.test:9292/images/[0-9a-f-]{36}", r["Location"])
     assert fault(action(srv, {"createImage": {}}), 400).endswith("'name' is a required property")
+
+
+# -- the fast acceptance path of create bodies ---------------------------------------------------
+_text = st.one_of(st.text(max_size=8), st.sampled_from(
+    ["vm", " vm", "vm ", "a" * 256, "", "x\n", "\u00a0y", "ok name", "k:e.y-_ 1"]))
+_value = st.one_of(_text, st.integers(-2, 2), st.booleans(), st.none(),
+                   st.sampled_from([IMAGE, IMAGE.upper(), "none", "auto", "1"]),
+                   st.dictionaries(_text, st.one_of(_text, st.integers()), max_size=3),
+                   st.lists(_text, max_size=2))
+_keys = st.sampled_from(["name", "flavorRef", "imageRef", "networks", "key_name",
+                         "availability_zone", "metadata", "adminPass", "description", "tags",
+                         "min_count", "other"])
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(server=st.dictionaries(_keys, _value, max_size=7), version=st.sampled_from([1, 19, 36, 37, 90]),
+       wrap=st.booleans())
+def test_fast_create_path_never_accepts_what_the_schema_refuses(
+        server: dict[str, Any], version: int, wrap: bool) -> None:
+    body: Any = {"server": server} if wrap else server
+    if fast_create_ok(body, version):
+        CREATE(version).validate(body)  # must not raise
+
+
+def test_fast_create_path_takes_the_common_bodies() -> None:
+    assert fast_create_ok(create_body(), 1)
+    assert fast_create_ok(create_body(networks="none", metadata={"a": "b"}, key_name="k"), 37)
+    assert not fast_create_ok(create_body(), 37)  # networks missing: the schema's message
+    assert not fast_create_ok(create_body(networks=[]), 37)  # lists: the schema decides

