@@ -13,8 +13,8 @@ correctness"; research notes P1-P14):
   hosts or epoch moved, the cell's entry in the store's ``cells`` database.
 - Batches are bounded in time as well as in size: the API's commands wait for the same
   single LMDB writer, so when a transaction takes longer than ``txn_budget`` the next batch
-  of that cell shrinks in proportion; it grows back (doubling, up to ``batch``) while
-  transactions stay under half the budget.
+  of that cell shrinks in proportion (at most halving, never below :data:`MIN_BATCH`); it
+  grows back (doubling, up to ``batch``) while transactions stay under half the budget.
 - Gap and regression detection (P8/P9): a cursor below ``min_seq - 1`` means the cell
   pruned feed entries this consumer never read (a *gap*: resync).  A cursor above
   ``max_seq``, or a store that knows a higher epoch than the cell has, means the cell went
@@ -104,7 +104,9 @@ log = logging.getLogger("cellsync")
 
 HOST_FIELDS = ("vcpus", "ram_mb", "disk_gb", "vcpus_used", "ram_mb_used", "disk_gb_used",
                "status", "availability_zone")
-MIN_BATCH = 8  # the time budget never shrinks a batch below this
+# The time budget never shrinks a batch below this: a commit has a fixed cost (its fsyncs)
+# that smaller batches do not reduce, they would only multiply it.
+MIN_BATCH = 32
 
 
 @dataclass
@@ -239,7 +241,8 @@ class CellSync:
         summary = self.store.apply(batch, render=render_server)
         took = time.perf_counter() - t0
         if took > self.txn_budget and st.limit > MIN_BATCH:
-            st.limit = max(MIN_BATCH, int(st.limit * self.txn_budget / took))
+            # In proportion, at most halving: part of ``took`` is the commit's fixed cost.
+            st.limit = max(MIN_BATCH, int(st.limit * max(0.5, self.txn_budget / took)))
         elif took < self.txn_budget / 2 and st.limit < self.batch:
             st.limit = min(self.batch, st.limit * 2)
         st.applied_total += summary.applied + summary.tombstoned
