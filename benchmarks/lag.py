@@ -2,7 +2,8 @@
 ``GET /v2.1/servers/{id}`` shows it.  Goal: p99 under 50 ms while the cells take 10,000
 changes/s.
 
-    python benchmarks/lag.py [--servers N] [--samples S] [--rate R] [--mode serve|separate]
+    python benchmarks/lag.py [--servers N] [--samples S] [--rate R [R ...]]
+                             [--mode serve|separate] [--set NAME=VALUE ...]
 
 What runs (temp data dir, a free port, everything stopped by PID at the end):
 
@@ -18,14 +19,15 @@ and, as a cell does after each commit, the script rings cellsync's bell.
 
 A sample: rename one probe server (``update_instance(name=...)``, one cell transaction,
 durable), take t0 when the commit returns, ring the bell, then GET the server on a
-keep-alive connection until the new name is in the body: t1.  lag = t1 - t0 (the polling
-GETs are ~0.2 ms apart: that is the resolution).  Probe servers alternate between the
+keep-alive connection until the new name is in the body: t1.  lag = t1 - t0 (a GET
+every ~0.7 ms: 0.5 ms pause + the round trip; that is the resolution).  Probe servers alternate between the
 cells; a random pause of 10-30 ms separates samples.
 
-Phases: ``idle`` (only the probe writes), then ``load``: one writer process per cell
-commits state changes (task_state flips on the non-probe servers, round robin) at
-``--rate`` changes/s in total, in transactions of ``--txn`` changes, each followed by a
-ring.  The table shows p50/p90/p99/max per phase, the rate the writers reached, and
+Phases: ``idle`` (only the probe writes), then one ``load R/s`` phase per ``--rate`` value:
+one writer process per cell commits state changes (task_state flips on the non-probe
+servers, round robin) at R changes/s in total, in transactions of ``--txn`` changes, each
+followed by a ring; after it, cellsync is given ``--drain`` seconds to catch up.  A phase
+samples for ``--budget`` seconds at most (behind a growing backlog each sample waits long).  The table shows p50/p90/p99/max per phase, the rate the writers reached, and
 cellsync's own view of its lag at the end (``DATA_DIR/run/cellsync.json``); the JSON goes
 to ``benchmarks/results/lag.json``.
 """
@@ -58,6 +60,9 @@ CELLS = ("cell1", "cell2")
 PROBES_PER_CELL = 20
 TOKEN = {"X-Auth-Token": "admin:admin"}  # noauth2: user admin has the admin role
 START_TIMEOUT = 60.0
+# Between two polling GETs: the resolution of a sample, and what keeps the probe from
+# taking a core away from the processes it measures (2 cores here).
+POLL_PAUSE = 0.0005
 
 
 def free_port() -> int:
@@ -151,11 +156,13 @@ class Procs:
                     pass
 
 
-def start_system(procs: Procs, data_dir: str, port: int, mode: str, workers: int) -> None:
+def start_system(procs: Procs, data_dir: str, port: int, mode: str, workers: int,
+                 overrides: list[str]) -> None:
     py = sys.executable
+    sets = [x for o in overrides for x in ("--set", o)]
     serve = [py, "-m", "fastpath", "serve", "--bind", f"127.0.0.1:{port}", "--data-dir",
              data_dir, "--workers", str(workers),
-             "--set", "cell.build_delay=0.01", "--set", "cell.action_delay=0.01"]
+             "--set", "cell.build_delay=0.01", "--set", "cell.action_delay=0.01", *sets]
     if mode == "serve":
         serve += ["--set", f"standalone.cells={','.join(CELLS)}", "--set",
                   "standalone.cellsync=true", "--set", "standalone.forwarder=false"]
@@ -164,6 +171,7 @@ def start_system(procs: Procs, data_dir: str, port: int, mode: str, workers: int
         serve += ["--set", "standalone.cells=", "--set", "standalone.cellsync=false",
                   "--set", "standalone.forwarder=false"]
         procs.start("serve", serve)
+        # The cellsync command takes no settings overrides: its cellsync.* are the defaults.
         procs.start("cellsync", [py, "-m", "cellsync", "--data-dir", data_dir])
 
 
@@ -239,10 +247,15 @@ def writer_main(data_dir: str, cell: str, rate: float, txn: int, servers: int,
 
 # -- sampling -------------------------------------------------------------------------------
 def sample(api: Api, dbs: dict[str, Any], bell: str, probes: list[tuple[str, str]], n: int,
-           seq: list[int], timeout: float = 120.0) -> list[float]:
+           seq: list[int], budget: float = 3600.0, timeout: float = 120.0) -> list[float]:
+    """Up to ``n`` lag samples, stopping early after ``budget`` seconds (a backlog that
+    grows makes every sample wait for it)."""
     lags: list[float] = []
     rnd = random.Random(n)
+    end = time.monotonic() + budget
     for j in range(n):
+        if time.monotonic() > end:
+            break
         cell, u = probes[j % len(probes)]
         seq[0] += 1
         name = f"lag-{seq[0]}"
@@ -258,6 +271,7 @@ def sample(api: Api, dbs: dict[str, Any], bell: str, probes: list[tuple[str, str
                 break
             if t1 - t0 > timeout:
                 raise TimeoutError(f"{u} did not show {name} within {timeout} s")
+            time.sleep(POLL_PAUSE)
         lags.append(t1 - t0)
         time.sleep(rnd.uniform(0.010, 0.030))
     return lags
@@ -272,6 +286,43 @@ def summary(lags: list[float]) -> dict[str, float]:
     return {"samples": len(lags), "p50_ms": round(pct(lags, 50) * 1e3, 2),
             "p90_ms": round(pct(lags, 90) * 1e3, 2), "p99_ms": round(pct(lags, 99) * 1e3, 2),
             "max_ms": round(max(lags) * 1e3, 2), "mean_ms": round(statistics.fmean(lags) * 1e3, 2)}
+
+
+def load_phase(a: argparse.Namespace, procs: Procs, data_dir: str, tmp: Path, api: Api,
+               dbs: dict[str, Any], bell: str, probes: list[tuple[str, str]], seq: list[int],
+               rate: float) -> dict[str, Any]:
+    """Writers at ``rate`` changes/s in total while sampling; then wait for cellsync to
+    catch up (bounded) so the next phase starts from an empty backlog."""
+    tag = f"{rate:g}"
+    writers = [procs.start(f"writer-{c}-{tag}", [
+        sys.executable, __file__, "--writer", c, "--data-dir", data_dir,
+        "--rate", str(rate / len(CELLS)), "--txn", str(a.txn),
+        "--servers", str(a.servers), "--seconds", "3600"]) for c in CELLS]
+    time.sleep(1.0)  # the writers reach their pace (a ramp, not a measurement)
+    lags = sample(api, dbs, bell, probes, a.samples, seq, a.budget)
+    stats = cellsync_stats(data_dir)
+    load = os.getloadavg()[0]
+    for w in writers:
+        w.terminate()
+    reports = []
+    for w, c in zip(writers, CELLS, strict=True):
+        w.wait(30)
+        text = (tmp / f"writer-{c}-{tag}.out").read_text().strip()
+        reports.append(json.loads(text.splitlines()[-1]) if text else {"cell": c})
+    out: dict[str, Any] = summary(lags)
+    out["writers"] = reports
+    out["writer_rate"] = sum(int(r.get("rate", 0)) for r in reports)
+    out["cellsync_stats_at_end"] = stats
+    out["loadavg_1m"] = round(load, 2)
+    t0 = time.monotonic()
+    try:
+        wait_until(lambda: all(c.get("lag_seqs", 1) == 0 for c in
+                               (cellsync_stats(data_dir) or {}).get("cells", {"x": {}}).values()),
+                   a.drain, "cellsync to catch up", step=0.5)
+        out["drained_s"] = round(time.monotonic() - t0, 1)
+    except TimeoutError:
+        out["drained_s"] = None  # still behind: the next phase starts with a backlog
+    return out
 
 
 def cellsync_stats(data_dir: str) -> Any:
@@ -294,7 +345,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                                   "seed_s": round(seeded_s, 2)}
         dbs: dict[str, Any] = {}
         try:
-            start_system(procs, data_dir, port, a.mode, a.workers)
+            start_system(procs, data_dir, port, a.mode, a.workers, a.set)
+            result["settings"] = a.set
             api = Api(port)
             wait_until(api.ready, START_TIMEOUT, "GET /healthz")
             last = uid(a.servers - 1)
@@ -311,27 +363,14 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             seq = [0]
             sample(api, dbs, bell, probes, 20, seq)  # warm-up
             phases: dict[str, Any] = {"idle": summary(sample(api, dbs, bell, probes,
-                                                               a.samples, seq))}
+                                                               a.samples, seq, a.budget))}
+            phases["idle"]["loadavg_1m"] = round(os.getloadavg()[0], 2)
             print(f"idle: {phases['idle']}", flush=True)
-            writers = [procs.start(f"writer-{c}", [
-                sys.executable, __file__, "--writer", c, "--data-dir", data_dir,
-                "--rate", str(a.rate / len(CELLS)), "--txn", str(a.txn),
-                "--servers", str(a.servers), "--seconds", "3600"]) for c in CELLS]
-            time.sleep(1.0)  # the writers reach their pace (a ramp, not a measurement)
-            load = sample(api, dbs, bell, probes, a.samples, seq)
-            stats = cellsync_stats(data_dir)
-            for w in writers:
-                w.terminate()
-            reports = []
-            for w, c in zip(writers, CELLS, strict=True):
-                w.wait(30)
-                text = (Path(tmp) / f"writer-{c}.out").read_text().strip()
-                reports.append(json.loads(text.splitlines()[-1]) if text else {"cell": c})
-            phases["load"] = summary(load)
-            phases["load"]["writers"] = reports
-            phases["load"]["writer_rate"] = sum(int(r.get("rate", 0)) for r in reports)
-            phases["load"]["cellsync_stats_at_end"] = stats
-            print(f"load: {phases['load']}", flush=True)
+            for rate in a.rate:
+                name = f"load {rate:g}/s"
+                phases[name] = load_phase(a, procs, data_dir, Path(tmp), api, dbs, bell, probes,
+                                          seq, rate)
+                print(f"{name}: {phases[name]}", flush=True)
             result["phases"] = phases
         finally:
             for db in dbs.values():
@@ -346,10 +385,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--servers", type=int, default=10_000)
     ap.add_argument("--samples", type=int, default=300)
-    ap.add_argument("--rate", type=float, default=10_000.0, help="changes/s, all cells")
+    ap.add_argument("--rate", type=float, nargs="+", default=[10_000.0],
+                    help="changes/s, all cells: one load phase per value")
+    ap.add_argument("--drain", type=float, default=120.0,
+                    help="seconds to wait for cellsync to catch up after a load phase")
     ap.add_argument("--txn", type=int, default=50, help="changes per writer transaction")
     ap.add_argument("--mode", choices=("serve", "separate"), default="serve")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a setting for fastpath serve (e.g. cellsync.batch=2000); repeatable")
+    ap.add_argument("--budget", type=float, default=60.0,
+                    help="seconds of sampling per phase at most (fewer samples if reached)")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "lag.json"))
     # writer process (internal)
     ap.add_argument("--writer", metavar="CELL")
@@ -357,16 +403,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3600.0)
     a = ap.parse_args(argv)
     if a.writer:
-        return writer_main(a.data_dir, a.writer, a.rate, a.txn, a.servers, a.seconds)
+        return writer_main(a.data_dir, a.writer, a.rate[0], a.txn, a.servers, a.seconds)
     r = run(a)
     print(f"\nend-to-end lag (cell commit -> visible on GET /v2.1/servers/{{id}}), mode {a.mode},"
           f" {a.servers} servers in {len(CELLS)} cells, {a.workers} API worker(s)")
-    print(f"{'phase':8s} {'samples':>7s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s}"
-          f" {'max ms':>8s}  writers")
+    print(f"{'phase':14s} {'samples':>7s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s}"
+          f" {'max ms':>9s} {'load1':>6s}  writers reached / cellsync behind at end")
     for name, p in r["phases"].items():
-        extra = f"{p['writer_rate']:,} changes/s" if "writer_rate" in p else "-"
-        print(f"{name:8s} {p['samples']:7d} {p['p50_ms']:8.2f} {p['p90_ms']:8.2f}"
-              f" {p['p99_ms']:8.2f} {p['max_ms']:8.2f}  {extra}")
+        extra = "-"
+        if "writer_rate" in p:
+            cells = (p["cellsync_stats_at_end"] or {}).get("cells", {})
+            behind = sum(int(c.get("lag_seqs", 0)) for c in cells.values())
+            extra = f"{p['writer_rate']:,} changes/s / {behind:,} changes"
+        print(f"{name:14s} {p['samples']:7d} {p['p50_ms']:8.2f} {p['p90_ms']:8.2f}"
+              f" {p['p99_ms']:8.2f} {p['max_ms']:9.2f} {p['loadavg_1m']:6.2f}  {extra}")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
     print(f"saved {a.json}")
