@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from fastpath.api import views
+from fastpath.api.views import table
 from fastpath.store import Batch, Store, Upsert
 from fastpath.store.samples import EPOCH_2024, sample_record
 
@@ -64,7 +65,28 @@ def bench_apply_1000_durable(benchmark: Any, store: Store, records: list[dict[st
 
 
 def bench_render_views(benchmark: Any, records: list[dict[str, Any]]) -> None:
+    """One server rendered again and again (every memoized fragment hits)."""
     views.configure(frozenset())
     rec = records[0]
     out = benchmark(views.render_server, rec)
     assert out
+
+
+def bench_render_1000_state_changes(benchmark: Any, records: list[dict[str, Any]]) -> None:
+    """1,000 distinct servers, each after a state change (reboot started or finished, a new
+    version and updated_at): what cellsync renders per batch.  us/server = median / 1,000."""
+    views.configure(frozenset())
+    table.clear_memos()
+    versions = itertools.count(2)
+
+    def setup() -> tuple[tuple[list[dict[str, Any]]], dict[str, Any]]:
+        v = next(versions)
+        task = "rebooting" if v % 2 else None
+        recs = [{**r, "version": v, "updated_at": r["created_at"] + v * 1_000_000,
+                 "task_state": task, "status": "REBOOT" if task else "ACTIVE"}
+                for r in records]
+        return (recs,), {}
+
+    out = benchmark.pedantic(lambda recs: [views.render_server(r) for r in recs], setup=setup,
+                             rounds=10)
+    assert len(out) == N
