@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpath.seed import project_id, user_id
+from tests.integration.conftest import _alive as alive  # not a zombie either
 
 Factory = Callable[..., Any]
 SIDECAR_ROLES = ("cell", "cellsync", "forwarder")
@@ -61,18 +62,6 @@ def server_ids(server: Any, projects: int) -> set[str]:
         assert r.status == 200, r.body
         ids |= {s["id"] for s in r.json()["servers"]}
     return ids
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def test_standalone_serve_seed_kill_and_stop(tmp_path: Path, fastpath_server: Factory,

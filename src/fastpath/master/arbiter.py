@@ -629,18 +629,7 @@ class Master:
             log.info("%s; starting it again with the new settings", what)
             sc.respawn_at = now
             return
-        lived = now - proc.started
-        sc.respawn = True
-        if lived < QUICK_DEATH:
-            cap = sc.settings["master.respawn_backoff_max"]
-            sc.backoff = min(max(2 * sc.backoff, BACKOFF_FIRST), cap)
-        else:
-            sc.backoff = 0.0
-        sc.respawn_at = now + sc.backoff
-        log.warning(
-            "%s after %.1f s; restarting%s",
-            what, lived, f" in {sc.backoff:.1f} s" if sc.backoff else "",
-        )
+        _schedule_respawn(sc, sc.settings, proc, now, what, "restarting")
 
     def _reload_sidecars(self, new: Settings) -> None:
         """Make the sidecars follow ``new`` (see the module doc)."""
@@ -688,7 +677,6 @@ class Master:
 
     def _on_exit(self, proc: Proc, code: int) -> None:
         now = time.monotonic()
-        lived = now - proc.started
         what = f"{proc.name()} {describe_exit(code)}"
         if proc.killed:
             what += f" ({proc.killed})"
@@ -712,17 +700,7 @@ class Master:
             log.error("%s: it could not boot (its error is above)", what)
             self._halt(f"worker index {proc.index} could not boot; stopping instead of respawning")
             return
-        ix.respawn = True
-        if lived < QUICK_DEATH:
-            cap = ix.settings["master.respawn_backoff_max"]
-            ix.backoff = min(max(2 * ix.backoff, BACKOFF_FIRST), cap)
-        else:
-            ix.backoff = 0.0
-        ix.respawn_at = now + ix.backoff
-        log.warning(
-            "%s after %.1f s; respawning%s",
-            what, lived, f" in {ix.backoff:.1f} s" if ix.backoff else "",
-        )
+        _schedule_respawn(ix, ix.settings, proc, now, what, "respawning")
         self._set_status(f"respawning worker index {proc.index}")
 
     def _poll_ready(self) -> None:
@@ -1060,6 +1038,27 @@ class Master:
             os.ftruncate(self._lock_fd, 0)
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _schedule_respawn(
+    holder: WorkerIndex | Sidecar, settings: Settings, proc: Proc, now: float, what: str,
+    verb: str,
+) -> None:
+    """The back-off of a worker index or a sidecar whose process just died: at once if it
+    lived QUICK_DEATH or longer, else twice the previous wait (BACKOFF_FIRST up to
+    master.respawn_backoff_max)."""
+    lived = now - proc.started
+    holder.respawn = True
+    if lived < QUICK_DEATH:
+        cap = settings["master.respawn_backoff_max"]
+        holder.backoff = min(max(2 * holder.backoff, BACKOFF_FIRST), cap)
+    else:
+        holder.backoff = 0.0
+    holder.respawn_at = now + holder.backoff
+    log.warning(
+        "%s after %.1f s; %s%s",
+        what, lived, verb, f" in {holder.backoff:.1f} s" if holder.backoff else "",
+    )
 
 
 def _cell_target(run_cell: Callable[..., int], name: str) -> Callable[[Settings, Control], int]:
