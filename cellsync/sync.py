@@ -10,7 +10,10 @@ correctness"; research notes P1-P14):
   (``load_instances``), project them (:mod:`cellsync.projection`) and apply them in ONE
   store write transaction together with the cursor ``(cell, last seq)`` (P3: a kill at any
   point loses nothing; a replay is dropped by the version rule, P2) and, when the cell's
-  hosts or epoch moved, the cell's entry in the store's ``cells`` database.
+  hosts or epoch moved, the cell's entry in the store's ``cells`` database.  The batch is
+  applied with ``repair=True``: it holds the servers' *current* rows, never a stale update,
+  so the store's tombstone horizon (a guard against stale redeliveries) must not refuse a
+  server created while this consumer was away and the store purged old tombstones.
 - Batches are bounded in time as well as in size: the API's commands wait for the same
   single LMDB writer, so when a transaction takes longer than ``txn_budget`` the next batch
   of that cell shrinks in proportion (at most halving, never below :data:`MIN_BATCH`); it
@@ -69,9 +72,11 @@ A restored cell is recognised (a *regression*) when its feed is behind the store
 when its epoch is behind the one the store recorded, or when the feed entry at the
 store's cursor is not the one applied: the store keeps, with the cursor, the commit time
 of that entry (``Batch.cursor_mark``), and a restored cell that has since committed past
-the cursor has a different entry there.  Known limit: if the cell has also pruned that
-entry (it waits for this consumer's ack, so only after ``cell.consumer_timeout``), the
-restore goes unnoticed; ``fastpath verify`` reports the servers it affects.
+the cursor has a different entry there.  A resync that finds store versions above the
+cell's starts a new epoch first.  Known limit: if the restored cell has also pruned the
+entry at the cursor before cellsync looks (pruning by acks keeps it: it waits for this
+consumer, so only a forced ``prune_changes`` or ``cell.consumer_timeout`` can), the restore
+goes unnoticed until a resync; ``fastpath verify`` reports the servers it affects.
 """
 
 from __future__ import annotations
