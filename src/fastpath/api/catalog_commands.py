@@ -13,7 +13,7 @@ route                                             status    who
 ``DELETE /flavors/{id}``                          202       admin
 ``POST   /flavors/{id}/os-extra_specs``           200       admin
 ``PUT    /flavors/{id}/os-extra_specs/{key}``     200       admin
-``DELETE /flavors/{id}/os-extra_specs/{key}``     202       admin
+``DELETE /flavors/{id}/os-extra_specs/{key}``     200       admin
 ``PUT    /os-quota-sets/{project_id}``            200       admin
 ``DELETE /os-quota-sets/{project_id}``            202       admin
 ================================================  ========  ===========================
@@ -42,7 +42,6 @@ import datetime as dt
 import hashlib
 import re
 import secrets
-import string
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -90,14 +89,13 @@ def _json(req: Any, schema: V.Schema) -> Any:
 
 
 # == keypairs =================================================================================
-KEYPAIR_SAFE_20 = "_- " + string.digits + string.ascii_letters
-KEYPAIR_SAFE_292 = "@._- " + string.digits + string.ascii_letters
-
-
 def _keypair_schema(version: int) -> V.Schema:
     """create (2.1), create_v22 (type), create_v210 (user_id), create_v292 (import only, the
     wider name charset)."""
-    props: dict[str, Any] = {"name": V.name()}
+    # parameter_types.keypair_name_special_chars (_v292: also '@' and '.').
+    chars = r"^[_\-\@\. a-zA-Z0-9]+$" if version >= 92 else r"^[_\- a-zA-Z0-9]+$"
+    props: dict[str, Any] = {"name": {"allOf": [V.name(), {
+        "type": "string", "pattern": chars, "minLength": 1, "maxLength": 255}]}}
     if version >= 2:
         props["type"] = {"type": "string", "enum": ["ssh", "x509"]}
     props["public_key"] = {"type": "string"}
@@ -121,15 +119,6 @@ def _keypair_schema_at(version: int) -> V.Schema:
 
 def _invalid_keypair(reason: str) -> BadRequest:
     return BadRequest(f"Keypair data is invalid: {reason}")
-
-
-def check_keypair_name(name: str, version: int) -> None:
-    """KeypairAPI._validate_new_key_pair: the charset (wider from 2.92) and the length."""
-    safe = KEYPAIR_SAFE_292 if version >= 92 else KEYPAIR_SAFE_20
-    if any(ch not in safe for ch in name):
-        raise _invalid_keypair("Keypair name contains unsafe characters")
-    if not 1 <= len(name) <= 255:
-        raise _invalid_keypair("Keypair name must be string and between 1 and 255 characters long")
 
 
 def _colon_hex(digest: str) -> str:
@@ -249,7 +238,6 @@ class CatalogRoutes:
         user = (params.get("user_id") if version >= 10 else None) or req.user or ""
         if user != req.user and not req.is_admin:
             raise C.forbidden("os_compute_api:os-keypairs:create")
-        check_keypair_name(name, version)
         project = req.project or ""
         with self.store.read() as r:
             _keypair_quota(r, user, project)
@@ -411,19 +399,17 @@ class CatalogRoutes:
             return {k: v for k, v in old.items() if k != key}
 
         await self._extra_specs(fid, change)
-        return 202, b""
+        return 200, b""  # no @wsgi.response: Nova answers 200 with no body
 
     # -- quota sets ---------------------------------------------------------------------------
     async def update_quotas(self, req: Any) -> tuple[int, bytes]:
         version = req.version
         body = _json(req, _quota_schema_at(version))
-        project = req.params[0]
-        _admin(req, "os_compute_api:os-quota-sets:update")
         # ?user_id=: fastpath keeps no per-user limits; the project's are set.
         Q.validate(Q.Query.of(req), {"user_id": Q.any_string}, version < 75)
+        project = req.params[0]
+        _admin(req, "os_compute_api:os-quota-sets:update")
         quota_set: dict[str, Any] = body["quota_set"]
-        if "networks" in quota_set:
-            raise BadRequest("The networks quota has been removed")
         force = Q.bool_from_string(str(quota_set.get("force", "False")))
         wanted: dict[str, int] = {}
         for key, value in quota_set.items():
@@ -488,7 +474,7 @@ class CatalogRoutes:
 # == flavors ==================================================================================
 def _flavor_param(minimum: int) -> dict[str, Any]:
     """parameter_types.flavor_param_positive / _non_negative."""
-    return {"type": ["integer", "string"], "pattern": "^[0-9]*$", "minimum": minimum,
+    return {"type": ["integer", "string"], "pattern": "^[0-9]+$", "minimum": minimum,
             "maximum": MAX_INT}
 
 
@@ -616,17 +602,18 @@ def _number_text(v: Any) -> str:
 # 2.86: Nova validates the extra specs it knows (nova/api/validation/extra_specs).  The
 # common ones are checked here; an unknown key of a namespace Nova owns is refused, and keys
 # of other namespaces (or none) pass, as in Nova.
-_BOOL = ("true", "false", "1", "0", "yes", "no", "on", "off", "t", "f", "y", "n")
 _SPEC_RULES: list[tuple[str, str, Any]] = [
-    (r"hw:cpu_policy", "enum", ("shared", "dedicated", "mixed")),
+    (r"hw:cpu_policy", "enum", ("dedicated", "shared", "mixed")),
     (r"hw:cpu_thread_policy", "enum", ("prefer", "isolate", "require")),
-    (r"hw:emulator_threads_policy", "enum", ("share", "isolate")),
+    (r"hw:emulator_threads_policy", "enum", ("isolate", "share")),
     (r"hw:numa_nodes", "int", 1),
     (r"hw:cpu_(sockets|cores|threads|max_sockets|max_cores|max_threads)", "int", 1),
     (r"hw:numa_(cpus|mem)\.\d+", "str", None),
-    (r"hw:mem_page_size", "regex", r"(large|small|any|\d+([kKMGT]i?[Bb]?)?)"),
+    (r"hw:mem_page_size", "regex", r"(large|small|any|\d+([kKMGT]i?)?(b|bit|B)?)"),
     (r"hw:cpu_realtime", "bool", None),
-    (r"hw:cpu_realtime_mask", "str", None),
+    (r"hw:cpu_realtime_mask", "regex", r"(\^)?\d+((-\d+)?(,\^?\d+(-\d+)?)?)*"),
+    (r"hw:hide_hypervisor_id", "bool", None),
+    (r"hw:locked_memory", "bool", None),
     (r"hw:mem_encryption", "bool", None),
     (r"hw:boot_menu", "bool", None),
     (r"hw:watchdog_action", "enum", ("none", "pause", "poweroff", "reset", "disabled")),
@@ -637,10 +624,10 @@ _SPEC_RULES: list[tuple[str, str, Any]] = [
     (r"hw_rng:allowed", "bool", None),
     (r"hw_rng:(rate_bytes|rate_period)", "int", 0),
     (r"hw_video:ram_max_mb", "int", 0),
-    (r"quota:[a-z_]+", "int", None),
-    (r"resources\d*:[A-Z0-9_]+", "int", 0),
-    (r"trait\d*:[A-Z0-9_]+", "enum", ("required", "forbidden")),
-    (r"group_policy", "enum", ("isolate", "none")),
+    (r"quota:[a-z_]+_(limit|reservation|shares_share)", "int", 0),
+    (r"quota:[a-z_]+_shares_level", "enum", ("custom", "high", "normal", "low")),
+    (r"resources([a-zA-Z0-9_-]{1,64})?:[A-Z0-9_]+", "int", 0),
+    (r"trait([a-zA-Z0-9_-]{1,64})?:[A-Z0-9_]+", "enum", ("required", "forbidden")),
     (r"aggregate_instance_extra_specs:.+", "str", None),
     (r"capabilities:.+", "str", None),
     (r"pci_passthrough:alias", "str", None),
@@ -648,36 +635,40 @@ _SPEC_RULES: list[tuple[str, str, Any]] = [
     (r"os:secure_boot", "enum", ("required", "disabled", "optional")),
 ]
 _SPEC_COMPILED = [(re.compile(p), kind, arg) for p, kind, arg in _SPEC_RULES]
-_NOVA_NAMESPACES = re.compile(r"(hw|hw_rng|hw_video|os|quota|resources\d*|trait\d*|accel|"
-                              r"aggregate_instance_extra_specs|capabilities|pci_passthrough|"
-                              r"vmware|powervm|hyperv)")
+# The namespaces Nova's validators cover: an unknown key in one of them is refused.
+_NOVA_NAMESPACES = re.compile(r"(hw|hw_rng|hw_video|os|quota|resources([a-zA-Z0-9_-]{1,64})?|"
+                              r"trait([a-zA-Z0-9_-]{1,64})?|accel|aggregate_instance_extra_specs|"
+                              r"capabilities|pci_passthrough|vmware)")
 
 
-def _spec_error(name: str, why: str) -> BadRequest:
-    return BadRequest(f"Validation failed; {why} for extra spec '{name}'.")
+def _spec_error(why: str) -> BadRequest:
+    return BadRequest(f"Validation failed; {why}.")
 
 
 def check_extra_spec(name: str, value: str) -> None:
+    """nova.api.validation.extra_specs: the value of a known extra spec (its texts)."""
     for rx, kind, arg in _SPEC_COMPILED:
         if not rx.fullmatch(name):
             continue
         if kind == "enum" and value not in arg:
-            raise _spec_error(name, f"'{value}' is not one of {list(arg)}")
-        if kind == "bool" and value.lower() not in _BOOL:
-            raise _spec_error(name, f"'{value}' is not a boolean")
+            raise _spec_error(f"'{value}' is not one of: {', '.join(arg)}")
+        if kind == "bool":
+            try:
+                Q.bool_from_string(value, strict=True)
+            except ValueError:
+                raise _spec_error(f"'{value}' is not a valid boolean-like value") from None
         if kind == "regex" and not re.fullmatch(arg, value):
-            raise _spec_error(name, f"'{value}' does not match '{arg}'")
+            raise _spec_error(f"'{value}' is not of the format '{arg}'")
         if kind == "int":
             try:
                 n = int(value)
             except ValueError:
-                raise _spec_error(name, f"'{value}' is not an integer") from None
+                raise _spec_error(f"'{value}' is not a valid integer value") from None
             if arg is not None and n < arg:
-                raise _spec_error(name, f"{n} is less than the minimum of {arg}")
+                raise _spec_error(f"'{n}' is less than the min value of '{arg}'")
         return
     if ":" in name and _NOVA_NAMESPACES.fullmatch(name.split(":", 1)[0]):
-        raise BadRequest(f"Validation failed; extra spec '{name}' does not appear to be a "
-                         "valid extra spec.")
+        raise _spec_error(f"extra spec '{name}' does not appear to be a valid extra spec")
 
 
 def check_extra_specs(specs: Mapping[str, Any], version: int) -> None:
@@ -698,23 +689,22 @@ _COMMON_QUOTA: dict[str, Any] = {"type": ["integer", "string"], "pattern": "^-?[
 _QUOTA_RESOURCES = ("instances", "cores", "ram", "floating_ips", "fixed_ips", "metadata_items",
                     "key_pairs", "security_groups", "security_group_rules", "injected_files",
                     "injected_file_content_bytes", "injected_file_path_bytes", "server_groups",
-                    "server_group_members", "networks")
+                    "server_group_members")  # 'networks' was removed (Train): refused
 
 
 def _quota_schema(version: int) -> V.Schema:
     """update, update_v236 (no nova-network resources), update_v257 (no injected files)."""
     dropped: tuple[str, ...] = ()
     if version >= 36:
-        dropped = ("fixed_ips", "floating_ips", "security_groups", "security_group_rules",
-                   "networks")
+        dropped = ("fixed_ips", "floating_ips", "security_groups", "security_group_rules")
     if version >= 57:
         dropped += ("injected_files", "injected_file_content_bytes", "injected_file_path_bytes")
     props: dict[str, Any] = {k: dict(_COMMON_QUOTA) for k in _QUOTA_RESOURCES if k not in dropped}
     props["force"] = V.boolean()
-    # quota_set itself has no "type" in Nova's schema (it is misplaced among the properties).
     return V.Schema({
         "type": "object",
-        "properties": {"quota_set": {"properties": props, "additionalProperties": False}},
+        "properties": {"quota_set": {"type": "object", "properties": props,
+                                     "additionalProperties": False}},
         "required": ["quota_set"], "additionalProperties": False,
     })
 
@@ -738,6 +728,6 @@ def routes(ctx: ApiContext) -> list[RouteSpec]:
     return CatalogRoutes(ctx).specs()
 
 
-__all__ = ["CatalogRoutes", "check_extra_spec", "check_keypair_name",
+__all__ = ["CatalogRoutes", "check_extra_spec",
            "flavor_entry", "generate_ssh_keypair", "generate_x509_keypair", "routes",
            "ssh_fingerprint", "x509_fingerprint"]
