@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
@@ -234,5 +235,99 @@ def test_kill_9_during_creates_through_the_cells(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=300)
         assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr[-2000:]
         assert cp.stdout.splitlines()[-1].endswith(": 0 divergent")
+    finally:
+        server.stop()
+
+
+def test_every_server_command_end_to_end(tmp_path: Path) -> None:
+    """Each command through the whole standalone cloud: API (pending at once) -> outbox ->
+    forwarder -> cell -> cellsync -> the cell's own fields settle it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    store = Store.open(data, map_size=1 << 26)
+    try:
+        store.apply(Batch([], catalog=catalog(1)), render=views.render_server)
+    finally:
+        store.close()
+    args = ["--set", "cell.build_delay=0.05", "--set", "cell.action_delay=0.05"]
+    server = FastpathServer(data_dir=data, port=free_port(), workers=2, args=args)
+    server.start()
+    admin = {"X-Auth-Token": f"admin:{PROJECT}", "OpenStack-API-Version": "compute 2.90"}
+
+    def call(method: str, path: str, payload: Any = None) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            raw = None if payload is None else json.dumps(payload).encode()
+            hs = dict(admin, **({"Content-Type": "application/json"} if raw else {}))
+            conn.request(method, "/v2.1" + path, raw, hs)
+            r = conn.getresponse()
+            data = r.read()
+            return r.status, (json.loads(data) if data else None)
+        finally:
+            conn.close()
+
+    def server_of(uid: str) -> dict[str, Any]:
+        status, body = call("GET", f"/servers/{uid}")
+        assert status == 200, (status, body)
+        return dict(body["server"])
+
+    def settles(uid: str, **want: Any) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+
+        def ok() -> bool:
+            seen.update(server_of(uid))
+            return all(seen.get(k) == v for k, v in want.items())
+        wait_until(ok, 60, lambda: f"{uid} to show {want} (shows {[seen.get(k) for k in want]})")
+        return seen
+
+    try:
+        wait_until(lambda: call("POST", "/servers", {"server": {
+            "name": "probe", "flavorRef": FLAVORS[0]["id"], "imageRef": IMAGES[0]["id"],
+            "networks": "none"}})[0] == 202, 60, "a cell known to the API")
+        status, body = call("POST", "/servers", {"server": {
+            "name": "e2e", "flavorRef": FLAVORS[0]["id"], "imageRef": IMAGES[0]["id"],
+            "networks": "none", "metadata": {"a": "1"}}})
+        assert status == 202
+        uid = body["server"]["id"]
+        settles(uid, status="ACTIVE", **{"OS-EXT-STS:task_state": None})
+
+        def act(payload: dict[str, Any], expect: int = 202) -> Any:
+            status, body = call("POST", f"/servers/{uid}/action", payload)
+            assert status == expect, (payload, status, body)
+            return body
+
+        act({"lock": {"locked_reason": "because"}})
+        settles(uid, locked=True, locked_reason="because", status="ACTIVE")
+        act({"unlock": None})
+        settles(uid, locked=False)
+        assert call("PUT", f"/servers/{uid}", {"server": {"name": "renamed"}})[0] == 200
+        settles(uid, name="renamed")
+        act({"os-stop": None})
+        settles(uid, status="SHUTOFF")
+        act({"os-start": None})
+        settles(uid, status="ACTIVE")
+        act({"pause": None})
+        settles(uid, status="PAUSED")
+        act({"unpause": None})
+        settles(uid, status="ACTIVE")
+        act({"suspend": None})
+        settles(uid, status="SUSPENDED")
+        act({"resume": None})
+        settles(uid, status="ACTIVE")
+        act({"reboot": {"type": "HARD"}})
+        settles(uid, status="ACTIVE", **{"OS-EXT-STS:task_state": None})
+        act({"resize": {"flavorRef": FLAVORS[1]["id"]}})
+        v = settles(uid, status="VERIFY_RESIZE")
+        assert v["flavor"]["original_name"] == FLAVORS[1]["name"]
+        act({"confirmResize": None}, 204)
+        settles(uid, status="ACTIVE")
+        act({"rebuild": {"imageRef": IMAGES[1]["id"], "name": "rebuilt"}})
+        v = settles(uid, status="ACTIVE", name="rebuilt")
+        assert v["image"]["id"] == IMAGES[1]["id"]
+        image_id = act({"createImage": {"name": "snap"}})["image_id"]
+        settles(uid, status="ACTIVE", **{"OS-EXT-STS:task_state": None})
+        assert call("GET", f"/images/{image_id}")[0] in (200, 404)  # the proxy API ends at 2.35
+        assert call("DELETE", f"/servers/{uid}")[0] == 204
+        wait_until(lambda: call("GET", f"/servers/{uid}")[0] == 404, 60, f"{uid} deleted")
     finally:
         server.stop()
