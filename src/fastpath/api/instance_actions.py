@@ -126,10 +126,14 @@ def routes(ctx: ApiContext) -> list[RouteSpec]:
                 raise BadRequest("The value of changes-since must be less than or equal to "
                                  "changes-before.")
         limit, marker = Q.limit_and_marker(q, max_limit)
-        if marker is not None:
+        if limit == 0:
+            actions = []  # nova.db actions_get: before the marker is looked at
+        elif marker is not None:
             at = next((i for i, a in enumerate(actions) if a["request_id"] == marker), None)
             if at is None:
-                raise BadRequest(f"Marker {marker} could not be found.")
+                # Nova's actions_get overwrites ``marker`` with the failed lookup before
+                # raising, so its message names None.
+                raise BadRequest("Marker None could not be found.")
             actions = actions[at + 1:]
         if since is not None:
             actions = [a for a in actions if a["updated_at"] >= since]
