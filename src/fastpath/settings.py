@@ -276,6 +276,17 @@ SETTINGS: tuple[Setting, ...] = (
         check=_check_extensions,
     ),
     Setting(
+        "api.commit_group_max", int, 512,
+        "Most commands of one worker that share one durable store commit (group commit).",
+        minimum=1, maximum=100000,
+    ),
+    Setting(
+        "api.commit_queue_max", int, 8192,
+        "Most commands of one worker waiting for a commit; beyond, commands get 503 with "
+        "Retry-After (memory stays bounded under overload).",
+        minimum=1, maximum=1000000,
+    ),
+    Setting(
         "cell.hosts", int, 4, "Simulated compute hosts of each local cell.", minimum=1, maximum=10000,
     ),
     Setting(

@@ -10,7 +10,8 @@ group is one write transaction (:func:`fastpath.store.commands.run_group`): each
 itself.  ``await submit(work)`` returns the work's value only once the group's commit is
 durable (LMDB synced commit); that is when a command may be acknowledged (202).
 
-Bounds: a group holds at most ``max_group`` commands; at most ``max_queue`` wait (beyond,
+Bounds (settings ``api.commit_group_max`` and ``api.commit_queue_max``): a group holds at
+most ``max_group`` commands; at most ``max_queue`` wait (beyond,
 ``submit`` answers 503 with ``Retry-After`` at once: memory stays bounded under overload).
 A failure of the transaction itself (the map cannot grow: ``StoreFullError``; any LMDB
 error) resolves every future of the group with a 503 (store full) or 500, logged once with

@@ -35,7 +35,9 @@ class ApiContext:
             x.strip() for x in settings["api.disabled_extensions"].split(",") if x.strip()
         )
         committer = GroupCommitter(
-            store, views.render_server, bell=wake.bell_path(settings["data_dir"], "forwarder"))
+            store, views.render_server, max_group=settings["api.commit_group_max"],
+            max_queue=settings["api.commit_queue_max"],
+            bell=wake.bell_path(settings["data_dir"], "forwarder"))
         return cls(settings, store, settings["api.max_limit"], disabled, committer)
 
 
