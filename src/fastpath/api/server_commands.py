@@ -468,6 +468,7 @@ class _Planned:
     record: dict[str, Any]
     payload: dict[str, Any]
     cell: str
+    rendered: dict[bytes, bytes]  # its views, rendered outside the write transaction
 
 
 @dataclass
@@ -598,7 +599,7 @@ class ServerCommands:
         def work(c: CommandTxn) -> int:
             n = instances_allowed(c.reader, plan.project, plan.flavor, plan.min_count, len(planned))
             for p in planned[:n]:
-                c.upsert_provisional(p.record)
+                c.upsert_provisional(p.record, p.rendered)
                 c.put_outbox(p.cell, p.uuid, p.command_id, p.payload, p.record["created_at"])
             return n
 
@@ -738,7 +739,8 @@ class ServerCommands:
             payload = {"action": "create", "server": server, "host": place.host,
                        "project_id": project, "user_id": user, "request_id": cid,
                        "networks": s.get("networks", "auto")}
-            plan.servers.append(_Planned(uid, cid, rec, payload, place.cell))
+            plan.servers.append(_Planned(uid, cid, rec, payload, place.cell,
+                                         views.render_server(rec)))
         return plan
 
     # -- one server's commands -------------------------------------------------------------

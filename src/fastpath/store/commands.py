@@ -105,9 +105,12 @@ class CommandTxn:
         return seq
 
     # -- servers -----------------------------------------------------------------------------
-    def upsert_provisional(self, record: Mapping[str, Any]) -> None:
-        """Store a new server's provisional record (version 0, built by
-        ``record.make_record``) through apply's upsert: indexes, views, quota usage.
+    def upsert_provisional(self, record: Mapping[str, Any],
+                           rendered: Mapping[bytes, bytes] | None = None) -> None:
+        """Store a new server's provisional record (version 0, a complete record) through
+        apply's upsert: indexes, views, quota usage.  ``rendered``: its views, rendered
+        before the transaction (PERF: less time holding LMDB's writer lock; a new record
+        has no pending entries, so its effective record is itself).
 
         Raises :class:`RecordError` if the uuid is taken (live or tombstoned).
         """
@@ -118,7 +121,12 @@ class CommandTxn:
                 self.txn.get(u, db=self.dbs.tombstones) is not None:
             raise RecordError(f"server {record['uuid']} exists already")
         ap = self._apply
-        ap.upsert(Upsert(record["uuid"], 0, record))
+        if rendered is not None and self.render is not None:
+            ap.render = lambda _rec: rendered
+        try:
+            ap.upsert(Upsert(record["uuid"], 0, record))
+        finally:
+            ap.render = self.render
         ap.flush_usage()
         ap.usage.clear()
 
