@@ -536,12 +536,12 @@ class Master:
                 out.append(Sidecar(ROLE_FORWARDER, "forwarder", 0, target, settings))
         return out
 
-    def _prepare_cells(self, settings: Settings) -> None:
+    def _prepare_cells(self, settings: Settings, names: Iterable[str] | None = None) -> None:
         """Create the local cells' databases now, so that they exist (for ``fastpath seed``
         and the forwarder) as soon as the master answers; the cells open them after fork."""
         from fastpath.cell.registry import open_cell
 
-        for name in settings.standalone_cells:
+        for name in settings.standalone_cells if names is None else names:
             try:
                 open_cell(self.data_dir, name, create=True).close()
             except Exception as exc:  # noqa: BLE001 - the cell itself reports it again
@@ -652,9 +652,13 @@ class Master:
             else:
                 sc.settings, sc.index = new, fresh.index
             kept.append(sc)
-        if new.standalone_cells:
-            self._prepare_cells(new)
         for sc in wanted.values():  # newly asked for
+            if sc.role == ROLE_CELL:
+                try:
+                    self._prepare_cells(new, [sc.name])
+                except MasterError as exc:
+                    log.error("reload: not adding %s: %s", sc.label(), exc)
+                    continue
             log.info("reload: adding %s", sc.label())
             kept.append(sc)
         self.sidecars = kept
@@ -1075,6 +1079,9 @@ def _forwarder_target() -> Callable[[Settings, Control], int] | None:
     try:
         mod = importlib.import_module("fastpath.forwarder")
     except ImportError:
+        return None
+    except Exception:  # noqa: BLE001 - a broken forwarder must not stop the API
+        log.exception("fastpath.forwarder cannot be imported; running without the forwarder")
         return None
     run = getattr(mod, "run", None)
     return run if callable(run) else None
