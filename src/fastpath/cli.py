@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="projects the servers are spread over (default 10)")
     p.add_argument("--seed", type=int, default=1, help="varies the generated ids (default 1)")
     p.add_argument("--jobs", type=int, default=0, metavar="J",
-                   help="rendering processes of --direct (default: one per core)")
+                   help="processes writing the cells, or rendering with --direct (default: one per core)")
     p.add_argument("--direct", action="store_true",
                    help="write the API store directly instead of the cells (benchmarks)")
     p.set_defaults(func=cmd_seed)

@@ -27,8 +27,8 @@ cell already has is skipped), and a larger ``--servers`` adds only the new ones.
 
 PERF (direct): rendering the views (~85 us a server) dominates; it runs in a pool of
 processes forked before the store is opened (LMDB environments must not cross fork), while
-this process applies batches of pre-rendered servers.  Through the cells, the rendering
-is cellsync's (one process).
+this process applies batches of pre-rendered servers.  Through the cells, one process per
+cell (up to ``--jobs``) builds and writes that cell's servers; the rendering is cellsync's.
 """
 
 from __future__ import annotations
@@ -225,14 +225,43 @@ def _write_cell(db: CellDB, recs: list[dict[str, Any]]) -> None:
                              rec["host"], fault["created"])
 
 
+def _seed_cell(args: tuple[str, str, int, int, int, int, int, int]) -> tuple[str, int, int, int]:
+    """Pool task: write the servers of one cell (every ``ncells``-th from ``first``), in
+    transactions of CHUNK; ``(cell, written, already there, feed head)``.  One process per
+    cell: SQLite has one writer per database, and the cells are separate files."""
+    from fastpath.cell.registry import open_cell
+
+    data_dir, cell, first, ncells, seed, servers, projects, hosts = args
+    db = open_cell(data_dir, cell, create=True)
+    written = existing = 0
+    try:
+        have = {u for u, _, _ in db.all_instance_versions()}
+        pending: list[dict[str, Any]] = []
+        for i in range(first, servers, ncells):
+            if server_uuid(seed, i) in have:
+                existing += 1
+                continue
+            pending.append(make_cell_server(seed, i, projects, cell, i // ncells, hosts))
+            if len(pending) >= CHUNK:
+                _write_cell(db, pending)
+                written += len(pending)
+                pending = []
+        if pending:
+            _write_cell(db, pending)
+            written += len(pending)
+        return cell, written, existing, db.max_seq()
+    finally:
+        db.close()
+
+
 def seed_through_cells(
     data_dir: str, servers: int, projects: int, cells: Sequence[str], *, seed: int = 1,
-    settings: Any = None, progress: Callable[[int, int], None] | None = None,
+    jobs: int = 0, settings: Any = None, progress: Callable[[int, int], None] | None = None,
     wait: float | None = None,
 ) -> dict[str, Any]:
-    """Write the servers into ``cells`` and bring them up to the store (module doc)."""
+    """Write the servers into ``cells`` (one process per cell, at most ``jobs``) and bring
+    them up to the store (module doc)."""
     from fastpath.api.context import open_store
-    from fastpath.cell.registry import open_cell
     from fastpath.settings import load
 
     if servers < 0 or projects < 1:
@@ -245,36 +274,29 @@ def seed_through_cells(
     try:
         store.apply(Batch(catalog=catalog(projects)))
     finally:
-        store.close()
-    dbs = {name: open_cell(data_dir, name, create=True) for name in cells}
+        store.close()  # before the pool forks: an LMDB environment must not cross fork
+    n = len(cells)
+    tasks = [(data_dir, cell, k, n, seed, servers, projects, settings["cell.hosts"])
+             for k, cell in enumerate(cells)]
+    jobs = min(jobs or os.cpu_count() or 1, n)
     written = existing = 0
-    try:
-        hosts = settings["cell.hosts"]
-        have = {name: {u for u, _, _ in db.all_instance_versions()} for name, db in dbs.items()}
-        pending: dict[str, list[dict[str, Any]]] = {name: [] for name in cells}
-        n = len(cells)
-        for i in range(servers):
-            cell = cells[i % n]
-            if server_uuid(seed, i) in have[cell]:
-                existing += 1
-            else:
-                pending[cell].append(make_cell_server(seed, i, projects, cell, i // n, hosts))
-                if len(pending[cell]) >= CHUNK:
-                    _write_cell(dbs[cell], pending[cell])
-                    written += len(pending[cell])
-                    pending[cell] = []
-            if progress is not None and (i + 1) % CHUNK == 0:
-                progress(i + 1, servers)
-        for cell, recs in pending.items():
-            if recs:
-                _write_cell(dbs[cell], recs)
-                written += len(recs)
+    heads: dict[str, int] = {}
+
+    def done(result: tuple[str, int, int, int]) -> None:
+        nonlocal written, existing
+        cell, w, e, head = result
+        written, existing, heads[cell] = written + w, existing + e, head
         if progress is not None:
-            progress(servers, servers)
-        heads = {name: db.max_seq() for name, db in dbs.items()}
-    finally:
-        for db in dbs.values():
-            db.close()
+            progress(min(servers, sum(len(range(t[2], servers, n)) for t in tasks
+                                      if t[1] in heads)), servers)
+
+    if jobs <= 1:
+        for task in tasks:
+            done(_seed_cell(task))
+    else:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            for result in pool.imap_unordered(_seed_cell, tasks):
+                done(result)
     how = _bring_up(data_dir, settings, heads,
                     wait if wait is not None else SYNC_WAIT_MIN + servers / SYNC_WAIT_RATE)
     return {
@@ -406,7 +428,7 @@ def seed_main(data_dir: str, servers: int, projects: int, seed: int, jobs: int,
     if cells:
         try:
             result = seed_through_cells(data_dir, servers, projects, cells, seed=seed,
-                                        settings=settings, progress=progress)
+                                        jobs=jobs, settings=settings, progress=progress)
         except TimeoutError as exc:
             print(f"fastpath seed: {exc}", file=sys.stderr)
             return 1
