@@ -577,3 +577,15 @@ def test_fast_create_path_takes_the_common_bodies() -> None:
     assert fast_create_ok(create_body(networks="none", metadata={"a": "b"}, key_name="k"), 37)
     assert not fast_create_ok(create_body(), 37)  # networks missing: the schema's message
     assert not fast_create_ok(create_body(networks=[]), 37)  # lists: the schema decides
+
+
+def test_create_on_a_requested_host_2_74(srv: Server) -> None:
+    assert fault(create(srv, "2.74", host="c2-h1", networks="none"), 403) == (
+        "Policy doesn't allow compute:servers:create:requested_destination to be performed.")
+    assert fault(create(srv, "2.74", ADMIN_TOKEN, host="nowhere", networks="none"), 400) == (
+        "Compute host nowhere could not be found.")
+    assert fault(create(srv, "2.73", ADMIN_TOKEN, host="c2-h1", networks="none"), 400).endswith(
+        "('host' was unexpected)")
+    assert create(srv, "2.74", ADMIN_TOKEN, host="c2-h1", networks="none").status == 202
+    (entry,) = outbox(srv)
+    assert (entry["cell"], entry["payload"]["host"]) == ("cell2", "c2-h1")
