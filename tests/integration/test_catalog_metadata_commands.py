@@ -105,7 +105,14 @@ def test_budget_per_route_on_metrics(tmp_path: Path) -> None:
          200, (1, 1)),
         ("DELETE", f"/v2.1/os-quota-sets/{PROJECT}", None, ADMIN, "2.57", 202, (0, 1)),
     ]
+    def flavor_ids() -> set[str]:
+        r = server.get("/v2.1/flavors/detail", {"X-Auth-Token": TOKEN})
+        return {f["id"] for f in r.json()["flavors"]}
+
     try:
+        server.distinct_pids(2)
+        for _ in range(8):  # every worker caches the (empty) answer
+            assert flavor_ids() == set()
         for method, path, body, token, version, status, budget in steps:
             before = txns(server)
             got, text = call(port, method, path, body, token, version)
@@ -113,6 +120,10 @@ def test_budget_per_route_on_metrics(tmp_path: Path) -> None:
             assert got == status, (method, path, got, text)
             spent = (round(after[0] - before[0]), round(after[1] - before[1]))
             assert spent == budget, (method, path, spent)
+            if path == "/v2.1/flavors" and status == 200:
+                # Each worker's cached flavor answers follow the generation bump.
+                for _ in range(8):
+                    assert flavor_ids() == {"f-int"}
         # The writes are visible to the next read, on any worker.
         r = server.get(f"/v2.1/servers/{U}/metadata", {"X-Auth-Token": TOKEN})
         assert "k" not in r.json()["metadata"]
