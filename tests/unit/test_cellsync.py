@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cellsync.projection import project_change
 from cellsync.sync import CellSync
 from cellsync.verify import summary_line, verify
 from fastpath.cell import SqliteCellDB
@@ -506,3 +507,22 @@ def test_a_server_older_than_the_tombstone_horizon_still_comes_up(
     with store.read() as r:
         assert r.tombstone_horizon() > 0 and r.get_server(late) is not None
     assert_clean(store, {"cell1": db})
+
+
+def test_verify_names_a_server_the_store_files_under_another_cell(
+        env: tuple[Store, dict[str, SqliteCellDB]]) -> None:
+    store, cells = env
+    a = create(cells["cell1"], 1)
+    gone = create(cells["cell1"], 2)
+    s = CellSync(store, cells)
+    s.run_until_idle()
+    cells["cell1"].delete_instance(gone)
+    rows = cells["cell1"].load_instance(a)
+    assert rows is not None
+    rows["instance"]["version"] += 5  # as if cell2 had it, newer
+    store.apply(Batch([project_change(rows, "cell2")]))
+    checked, div = verify(store, cells)
+    assert checked == 3 and len(div) == 3  # cell1's two, and cell2's stray record
+    assert f"cell1 {a}: v1 live, store says cell 'cell2' v6" in div
+    assert f"cell1 {gone}: cell v2 deleted, store v1 live" in div
+    assert f"cell2 {a}: not in the cell, store v6 live" in div
