@@ -266,7 +266,7 @@ def run(servers: int, batch: int, rounds: int) -> dict[str, Any]:
         "stages_us_per_change": {k: round(statistics.median(v) / batch * 1e6, 1)
                                  for k, v in stages.items()},
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                    "kernel": platform.release()},
+                    "kernel": platform.release(), "loadavg_1m_at_end": os.getloadavg()[0]},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     r = run(a.servers, a.batch, a.rounds)
     print(f"cellsync sync_once: {a.servers} servers in the cell, {a.batch} state changes per "
           f"round (distinct servers), {a.rounds} rounds, durable LMDB commit")
-    print(f"  median {r['sync_once_median_ms']} ms per round -> {r['changes_per_s']:,} changes/s")
+    print(f"  median {r['sync_once_median_ms']} ms per round -> {r['changes_per_s']:,} changes/s"
+          f" (load average {r['machine']['loadavg_1m_at_end']:.2f})")
     print(f"  instrumented median {r['instrumented_median_ms']} ms; by stage (median per round):")
     for k, ms in r["stages_median_ms"].items():
         print(f"    {k:28s} {ms:8.2f} ms  {r['stages_us_per_change'][k]:6.1f} us/change")
