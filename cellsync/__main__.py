@@ -8,15 +8,14 @@ Without ``--once`` it runs until SIGTERM/SIGINT (:func:`run_daemon`, the same lo
 sleeps on its bell ``DATA_DIR/run/wake/cellsync`` (:mod:`fastpath.wake`), which every cell
 rings after each commit, or ``--interval`` (``cellsync.poll_interval``) at most.
 
-It publishes its per-cell statistics (cursor, feed head, lag in sequence numbers and
-seconds, changes applied, resyncs) to ``DATA_DIR/run/cellsync.json`` at most once a
+It publishes its per-cell statistics (``CellSync.stats()``: cursor, feed head, lag in
+sequence numbers and seconds, changes applied, resyncs) to ``DATA_DIR/run/cellsync.json`` at most once a
 second, for ``/metrics``: the API never opens a transaction for them.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import logging
 import os
 import sys
@@ -28,7 +27,7 @@ from fastpath.errors import SettingsError
 from fastpath.settings import Settings
 
 if TYPE_CHECKING:
-    from cellsync.sync import CellSync, SyncResult
+    from cellsync.sync import CellSync
     from fastpath.sidecar import Control
 
 log = logging.getLogger("cellsync")
@@ -80,95 +79,44 @@ def resync_main(data_dir: str, cell: str | None) -> int:
     return 0
 
 
-class Stats:
-    """Per-cell counters and lag, computed from what the loop sees (one per daemon).
+class StatsFile:
+    """Publishes ``CellSync.stats()`` to ``run/cellsync.json``: at most once a second, when
+    the figures changed, and every STATS_REFRESH seconds anyway (its age is liveness)."""
 
-    ``lag_seconds`` is the age of the oldest change not yet applied: the loop notes the
-    time at which it first saw the feed head pass each value, and the lag is the age of
-    the first note above the cursor (resolution: one loop round, or one bell).
-    """
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._last: dict[str, Any] | None = None
+        self._written = -STATS_MIN_INTERVAL
 
-    def __init__(self) -> None:
-        self.applied: collections.Counter[str] = collections.Counter()
-        self.resyncs: collections.Counter[str] = collections.Counter()
-        self.cursor: dict[str, int] = {}
-        self.head: dict[str, int] = {}
-        self._seen: dict[str, collections.deque[tuple[int, float]]] = {}
-        self._last_doc: dict[str, Any] | None = None
-        self._written = 0.0
-
-    def record(self, cell: str, res: SyncResult, head: int, now: float) -> None:
-        self.applied[cell] += res.applied
-        if res.resynced:
-            self.resyncs[cell] += 1
-        if res.cursor is not None:
-            self.cursor[cell] = res.cursor
-        self.observe(cell, head, now)
-
-    def observe(self, cell: str, head: int, now: float) -> None:
-        self.head[cell] = head
-        seen = self._seen.setdefault(cell, collections.deque())
-        if not seen or head > seen[-1][0]:
-            seen.append((head, now))
-        cursor = self.cursor.get(cell, 0)
-        while seen and seen[0][0] <= cursor:
-            seen.popleft()
-
-    def cells(self, sync: CellSync, now: float) -> dict[str, dict[str, float | int]]:
-        stats_of = getattr(sync, "stats", None)  # CellSync.stats() when it has one
-        if callable(stats_of):
-            try:
-                theirs = stats_of()
-                if isinstance(theirs, dict):
-                    return dict(theirs)
-            except Exception:  # noqa: BLE001 - fall back to ours
-                log.exception("CellSync.stats() failed; publishing the daemon's own figures")
-        out: dict[str, dict[str, float | int]] = {}
-        for cell in sync.cells:
-            cursor = self.cursor.get(cell, 0)
-            head = self.head.get(cell, cursor)
-            seen = self._seen.get(cell)
-            lag_s = round(now - seen[0][1], 3) if seen and head > cursor else 0.0
-            out[cell] = {
-                "cursor": cursor,
-                "head": head,
-                "lag_seqs": max(0, head - cursor),
-                "lag_seconds": lag_s,
-                "applied_total": self.applied[cell],
-                "resyncs_total": self.resyncs[cell],
-            }
-        return out
-
-    def publish(self, path: str, sync: CellSync, force: bool = False) -> float | None:
-        """Write the stats file if due.  Returns in how many seconds to call again because
-        a change is held back by the rate limit (None: nothing held back)."""
+    def publish(self, sync: CellSync, force: bool = False) -> float | None:
+        """Write the file if due.  Returns in how many seconds to call again because a
+        change is held back by the rate limit (None: nothing held back)."""
         from fastpath.master.status import write_json_atomic
 
         mono = time.monotonic()
-        cells = self.cells(sync, mono)
+        cells = sync.stats()
         wait = STATS_MIN_INTERVAL - (mono - self._written)
         if not force and wait > 0:
-            return wait if cells != self._last_doc else None
-        if not force and cells == self._last_doc and mono - self._written < STATS_REFRESH:
+            return wait if cells != self._last else None
+        if not force and cells == self._last and mono - self._written < STATS_REFRESH:
             return None
         doc = {"pid": os.getpid(), "updated_at": round(time.time(), 3), "cells": cells}
         try:
-            write_json_atomic(path, doc)
+            write_json_atomic(self.path, doc)
         except OSError as exc:
-            log.warning("cannot write %s: %s", path, exc.strerror)
+            log.warning("cannot write %s: %s", self.path, exc.strerror)
             return None
-        self._last_doc = cells
+        self._last = cells
         self._written = mono
         return None
 
 
-def _discover(sync: CellSync, data_dir: str, stats: Stats, now: float) -> None:
+def _discover(sync: CellSync, data_dir: str) -> None:
     from fastpath.cell.registry import cell_names, open_cell
 
     for name in cell_names(data_dir):
         if name not in sync.cells:
             sync.cells[name] = open_cell(data_dir, name)
-            stats.observe(name, 0, now)
             log.info("cell %s: syncing", name)
 
 
@@ -189,12 +137,8 @@ def run_daemon(settings: Settings, ctl: Control) -> int:
     try:
         views.configure(frozenset())
         store = open_store(settings)  # after the fork: an LMDB env never crosses one
-        make = getattr(CellSync, "from_settings", None)  # the cellsync.* tuning settings
-        sync = make(store, {}, settings) if callable(make) else CellSync(store, {})
-        # CellSync keeps its own figures when it has stats(); else the loop computes them.
-        own_stats = not callable(getattr(sync, "stats", None))
-        stats = Stats()
-        stats_path = cellsync_stats_path(data_dir)
+        sync = CellSync.from_settings(store, {}, settings)  # the cellsync.* tuning settings
+        stats = StatsFile(cellsync_stats_path(data_dir))
         discovered = -DISCOVER_INTERVAL
         log.info("cellsync syncing the cells of %s (bell %s)", data_dir, bell.path)
         ctl.ready()
@@ -202,18 +146,16 @@ def run_daemon(settings: Settings, ctl: Control) -> int:
             ctl.beat()
             now = time.monotonic()
             if now - discovered >= DISCOVER_INTERVAL:
-                _discover(sync, data_dir, stats, now)
+                _discover(sync, data_dir)
                 discovered = now
             busy = False
-            for name, db in list(sync.cells.items()):
+            for name in list(sync.cells):
                 res = sync.sync_once(name)
-                if own_stats:
-                    stats.record(name, res, db.max_seq(), time.monotonic())
                 busy = busy or bool(res.entries or res.resynced)
-            held = stats.publish(stats_path, sync)
+            held = stats.publish(sync)
             if not busy:
                 ctl.sleep(poll if held is None else min(poll, held), bell)
-        stats.publish(stats_path, sync, force=True)
+        stats.publish(sync, force=True)
         return 0
     finally:
         if sync is not None:
