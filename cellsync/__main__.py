@@ -9,8 +9,8 @@ sleeps on its bell ``DATA_DIR/run/wake/cellsync`` (:mod:`fastpath.wake`), which 
 rings after each commit, or ``--interval`` (``cellsync.poll_interval``) at most.
 
 It publishes its per-cell statistics (``CellSync.stats()``: cursor, feed head, lag in
-sequence numbers and seconds, changes applied, resyncs) to ``DATA_DIR/run/cellsync.json`` at most once a
-second, for ``/metrics``: the API never opens a transaction for them.
+sequence numbers and seconds, changes applied, resyncs) to ``DATA_DIR/run/cellsync.json``
+at most once a second, for ``/metrics``: the API never opens a transaction for them.
 """
 
 from __future__ import annotations
