@@ -318,8 +318,10 @@ class Store:
         """Apply ``batch`` in one durable write transaction (see the module docstring).
 
         ``render(record) -> {view_id: JSON bytes}`` is called for every upsert that wins,
-        inside the transaction, with the record as stored (API-owned fields merged); its
-        fragments replace the server's previous ones.  An exception from ``render`` (or a bad
+        inside the transaction, with the *effective* record (``record.effective``: the record
+        as stored, API-owned fields merged, pending commands overlaid -- so a renderer that
+        looks up views rendered in advance must key them on that); its fragments replace
+        the server's previous ones.  An exception from ``render`` (or a bad
         change) aborts the whole batch: nothing of it is written.
         """
         summary, grown = self._write(lambda txn: A.Apply(self.dbs, txn, render).run(batch))
