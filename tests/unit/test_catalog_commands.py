@@ -302,3 +302,25 @@ def test_quota_rules(srv: Server) -> None:
         "Policy doesn't allow os_compute_api:os-quota-sets:delete to be performed.")
     assert cmd(srv, "DELETE", QS, token=ADMIN_TOKEN, budget=(0, 1)).status == 202
     assert get(srv, QS, ADMIN_TOKEN).json()["quota_set"]["instances"] == 10  # the default
+
+
+def test_odd_ids_are_nova_errors_not_500s(srv: Server) -> None:
+    """Ids the store cannot key (over 255 bytes, NUL) answer 400/404, never 500."""
+    long = "x" * 600
+    for method, path, body, status in [
+        ("DELETE", f"{FL}/{long}", None, 404),
+        ("PUT", f"{FL}/{long}", {"flavor": {"description": "d"}}, 404),
+        ("POST", f"{FL}/{long}/os-extra_specs", {"extra_specs": {"a": "b"}}, 404),
+        ("DELETE", f"{FL}/{long}/os-extra_specs/a", None, 404),
+        ("DELETE", f"{KP}/{long}", None, 404),
+        ("DELETE", f"{KP}/k%00x", None, 404),
+    ]:
+        assert cmd(srv, method, path, body, token=ADMIN_TOKEN, version="2.60").status == status
+    qs = f"/v2.1/os-quota-sets/{'p' * 300}"
+    assert err(cmd(srv, "PUT", qs, {"quota_set": {"cores": 3}}, token=ADMIN_TOKEN), 400) == (
+        f"Project ID {'p' * 300} is not a valid project.")
+    assert err(cmd(srv, "DELETE", qs, token=ADMIN_TOKEN), 400).startswith("Project ID p")
+    for user in ("u" * 300, "a\x00b"):
+        body = {"keypair": {"name": "k", "public_key": "ssh-rsa AAAA", "user_id": user}}
+        assert err(cmd(srv, "POST", KP, body, token=ADMIN_TOKEN, version="2.10"), 400) == (
+            f"Keypair data is invalid: user_id {user} is not a valid user id")

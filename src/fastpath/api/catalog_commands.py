@@ -76,6 +76,16 @@ async def _commit(ctx: ApiContext, work: Callable[[CommandTxn], Any]) -> Any:
     return await committer.submit(work)
 
 
+def _project_key(project: str) -> str:
+    """nova.api.openstack.identity.verify_project_id: a project id the store cannot key is
+    not a project (400)."""
+    try:
+        L.name_bytes(project, "project")
+    except RecordError:
+        raise BadRequest(f"Project ID {project} is not a valid project.") from None
+    return project
+
+
 def _admin(req: Any, rule: str) -> None:
     """Nova's admin-only policies (``rule:admin_api``)."""
     if not req.is_admin:
@@ -238,6 +248,10 @@ class CatalogRoutes:
         user = (params.get("user_id") if version >= 10 else None) or req.user or ""
         if user != req.user and not req.is_admin:
             raise C.forbidden("os_compute_api:os-keypairs:create")
+        try:
+            L.keypair_key(user, name)
+        except RecordError:  # Nova's user_id column holds 255 characters
+            raise _invalid_keypair(f"user_id {user} is not a valid user id") from None
         project = req.project or ""
         with self.store.read() as r:
             _keypair_quota(r, user, project)
@@ -409,6 +423,7 @@ class CatalogRoutes:
         Q.validate(Q.Query.of(req), {"user_id": Q.any_string}, version < 75)
         project = req.params[0]
         _admin(req, "os_compute_api:os-quota-sets:update")
+        _project_key(project)
         quota_set: dict[str, Any] = body["quota_set"]
         force = Q.bool_from_string(str(quota_set.get("force", "False")))
         wanted: dict[str, int] = {}
@@ -444,6 +459,7 @@ class CatalogRoutes:
         Q.validate(Q.Query.of(req), {"user_id": Q.any_string}, version < 75)
         project = req.params[0]
         _admin(req, "os_compute_api:os-quota-sets:delete")
+        _project_key(project)
 
         def work(c: CommandTxn) -> None:
             c.put_catalog(Catalog.QUOTA_LIMITS, project, None)
