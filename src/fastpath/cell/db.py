@@ -1362,3 +1362,20 @@ class SqliteCellDB(CellDB):
             self._conn.execute("RELEASE unit")
         finally:
             self._depth -= 1
+
+    def pending_heads(self, limit: int = 100) -> list[tuple[str, str | None]]:
+        """(command_id, uuid) of the unfinished commands, oldest first, payloads not read
+        (the service skips the ones in flight without decoding them at every step)."""
+        with self._snapshot() as c:
+            return [(cid, u) for cid, u in c.execute(
+                "SELECT command_id, instance_uuid FROM inbox WHERE state = 'new'"
+                " ORDER BY received_at, command_id LIMIT ?", (limit,))]
+
+    def command_payloads(self, command_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The payloads of these commands, by command id (one query)."""
+        if not command_ids:
+            return {}
+        with self._snapshot() as c:
+            return {cid: json.loads(p) for cid, p in c.execute(
+                "SELECT command_id, payload FROM inbox WHERE command_id IN"
+                " (SELECT value FROM json_each(?))", (json.dumps(list(command_ids)),))}

@@ -179,7 +179,8 @@ class CellService:
         self.name = name
         self._jobs: dict[str, _Job] = {}  # command_id -> a phase pending
         self._busy: set[str] = set()  # uuids with a job in flight
-        self._dirty_hosts: set[str] = set()  # hosts whose usage row is out of date
+        self._dirty_hosts: set[str] = set()  # hosts whose usage row may be out of date
+        self._host_figures: dict[str, tuple[int, int, int]] = {}  # usage last written
         self._restore_claims()
         with db.transaction():
             for usage in driver.hosts():
@@ -211,21 +212,33 @@ class CellService:
         most once, so every state change still has its own version step and feed entry.
         """
         done = self._run_due(now)
-        pending = self.db.pending_commands(limit=len(self._jobs) + PASS)
-        todo: list[tuple[str, str | None, dict[str, Any]]] = []
+        # Commands to take now: the oldest of each idle server, at most PASS; payloads are
+        # decoded only for those (not for the ones in flight or queued behind them).
+        chosen: list[tuple[str, str | None]] = []
         touched: set[str] = set()
-        for command_id, uuid, payload in pending:
+        for command_id, uuid in self.db.pending_heads(limit=len(self._jobs) + 4 * PASS):
             if command_id in self._jobs:
                 continue
-            target = uuid or payload_uuid(payload)
-            if target is not None:
-                if target in self._busy or target in touched:
+            if uuid is not None:
+                if uuid in self._busy or uuid in touched:
                     continue  # in order per server: wait for the command in flight
+                touched.add(uuid)
+            chosen.append((command_id, uuid))
+            if len(chosen) >= PASS:
+                break
+        payloads = self.db.command_payloads([cid for cid, _ in chosen])
+        todo: list[tuple[str, str | None, dict[str, Any]]] = []
+        for command_id, uuid in chosen:
+            payload = payloads[command_id]
+            target = uuid or payload_uuid(payload)
+            if uuid is None and target is not None:  # named in the payload only
+                if target in self._busy or target in touched:
+                    continue
                 touched.add(target)
             todo.append((command_id, target, payload))
-        for i in range(0, len(todo), PASS):
+        if todo:
             with self.db.transaction():
-                for command_id, target, payload in todo[i : i + PASS]:
+                for command_id, target, payload in todo:
                     if target is None:
                         self._reject(command_id, None, payload, now, "command names no server")
                         done += 1
@@ -613,12 +626,17 @@ class CellService:
         self._dirty_hosts.update(names)
 
     def _flush_hosts(self) -> None:
+        """Write the usage of the marked hosts whose figures moved (the host rows exist:
+        ``__init__`` declared them)."""
         if not self._dirty_hosts:
             return
         wanted, self._dirty_hosts = self._dirty_hosts, set()
         for usage in self.driver.hosts():
-            if usage.spec.name in wanted:
-                self._write_host(usage)
+            name = usage.spec.name
+            figures = (usage.vcpus_used, usage.ram_mb_used, usage.disk_gb_used)
+            if name in wanted and self._host_figures.get(name) != figures:
+                self.db.set_host_usage(name, *figures)
+                self._host_figures[name] = figures
 
     def _write_host_of(self, host: str) -> None:
         self._write_hosts([host])
@@ -627,8 +645,9 @@ class CellService:
         spec = usage.spec
         self.db.upsert_host(spec.name, spec.node_name, spec.vcpus, spec.ram_mb, spec.disk_gb,
                             spec.az)
-        self.db.set_host_usage(spec.name, usage.vcpus_used, usage.ram_mb_used,
-                               usage.disk_gb_used)
+        figures = (usage.vcpus_used, usage.ram_mb_used, usage.disk_gb_used)
+        self.db.set_host_usage(spec.name, *figures)
+        self._host_figures[spec.name] = figures
 
 
 # -- payload helpers ------------------------------------------------------------------------------
