@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fastpath.master import status
-from fastpath.master.shm import ROLE_CELL, ROLE_WORKER, SharedState
+from fastpath.master.shm import ROLE_CELL, ROLE_CELLSYNC, ROLE_WORKER, SharedState
 
 
 @pytest.fixture
@@ -203,3 +203,19 @@ def test_metrics_list_the_sidecars_ready_by_role(data_dir: Path) -> None:
     m.add_source(lambda: ["fastpath_test_hook 7"])
     assert "fastpath_test_hook 7" in m.render().decode()
     shm.buf.close()
+
+
+def test_table_ends_with_cellsync_figures(data_dir: Path, locked: int) -> None:
+    shm = make_shm(data_dir, os.getpid())
+    shm.claim(3, ROLE_CELLSYNC, generation=3, worker_index=0, restarts=0, name="cellsync")
+    shm.set_pid(3, 4444)
+    status.write_json_atomic(status.cellsync_stats_path(str(data_dir)), {
+        "pid": 4444, "updated_at": time.time(), "cells": {"cell1": {
+            "cursor": 10, "head": 12, "lag_seqs": 2, "lag_seconds": 0.25,
+            "applied_total": 345, "resyncs_total": 1}}})
+    code, text = run(data_dir, as_json=False)
+    assert code == 0
+    assert text.splitlines()[-1] == (
+        "cellsync cell1: cursor 10 of 12, lag 2 changes / 0.25 s, 345 applied, 1 resyncs "
+        "(as of 0 s ago)")
+    assert text.splitlines()[3].split()[:3] == ["cellsync", "cellsync", "4444"]  # by slot

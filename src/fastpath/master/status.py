@@ -198,6 +198,21 @@ def _table(rows: list[dict[str, Any]], out: TextIO) -> None:
         out.write("\n")
 
 
+def _cellsync_lines(data_dir: str, out: TextIO) -> None:
+    doc = read_cellsync_stats(data_dir)
+    if doc is None:
+        return
+    age = max(0.0, time.time() - float(doc.get("updated_at") or 0))
+    for cell, st in sorted(doc["cells"].items()):
+        if isinstance(st, dict):
+            out.write(
+                f"cellsync {cell}: cursor {st.get('cursor')} of {st.get('head')}, "
+                f"lag {st.get('lag_seqs')} changes / {st.get('lag_seconds')} s, "
+                f"{st.get('applied_total')} applied, {st.get('resyncs_total')} resyncs "
+                f"(as of {age:.0f} s ago)\n"
+            )
+
+
 def status_main(data_dir: str, as_json: bool = False, out: TextIO | None = None) -> int:
     """Print the processes of ``data_dir``; exit code 1 if no master runs for it."""
     out = sys.stdout if out is None else out
@@ -210,6 +225,8 @@ def status_main(data_dir: str, as_json: bool = False, out: TextIO | None = None)
         respawns = rows[0].get("worker_restarts")
         if respawns:
             out.write(f"worker respawns since the master started: {respawns}\n")
+        if any(r["role"] == "cellsync" for r in rows):
+            _cellsync_lines(data_dir, out)
     else:
         print(f"no fastpath running for {data_dir}", file=out)
     return EXIT_OK if rows else EXIT_NOT_RUNNING
