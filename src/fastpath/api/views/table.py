@@ -280,12 +280,12 @@ def _addresses(rec: dict[str, Any]) -> tuple[str, str, str, str]:
     for net, entries in rec["addresses"].items():
         b, i, m, p = [], [], [], []
         for a in entries:
-            head = f'{{"version": {_dumps(a["version"])}, "addr": {_dumps(a["addr"])}'
-            t = f', "OS-EXT-IPS:type": {_dumps(a["type"])}'
-            mc = f', "OS-EXT-IPS-MAC:mac_addr": {_dumps(a["mac"])}'
-            b.append(head + t + mc + "}")
+            head = '{"version": ' + _dumps(a["version"]) + ', "addr": ' + _dumps(a["addr"])
+            t = ', "OS-EXT-IPS:type": ' + _dumps(a["type"])
+            mc = ', "OS-EXT-IPS-MAC:mac_addr": ' + _dumps(a["mac"]) + "}"
+            b.append(head + t + mc)
             i.append(head + t + "}")
-            m.append(head + mc + "}")
+            m.append(head + mc)
             p.append(head + "}")
         k = _str(net) + ": ["
         both.append(k + ", ".join(b) + "]")
