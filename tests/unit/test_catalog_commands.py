@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastpath.api import catalog_commands as CC
 from fastpath.api.views import render_server
@@ -324,3 +326,34 @@ def test_odd_ids_are_nova_errors_not_500s(srv: Server) -> None:
         body = {"keypair": {"name": "k", "public_key": "ssh-rsa AAAA", "user_id": user}}
         assert err(cmd(srv, "POST", KP, body, token=ADMIN_TOKEN, version="2.10"), 400) == (
             f"Keypair data is invalid: user_id {user} is not a valid user id")
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=3),
+    max_leaves=8)
+_ROUTES = [
+    ("POST", KP, "keypair", ("name", "public_key", "type", "user_id")),
+    ("POST", FL, "flavor", ("name", "id", "ram", "vcpus", "disk", "swap", "rxtx_factor",
+                            "OS-FLV-EXT-DATA:ephemeral", "os-flavor-access:is_public",
+                            "description")),
+    ("PUT", f"{FL}/1", "flavor", ("description",)),
+    ("POST", f"{FL}/1/os-extra_specs", "extra_specs", ("hw:numa_nodes", "a", "trait:X")),
+    ("PUT", f"/v2.1/os-quota-sets/{PROJECT}", "quota_set", ("cores", "force", "ram", "x")),
+]
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(route=st.sampled_from(_ROUTES), data=st.data(),
+       version=st.sampled_from(["2.1", "2.2", "2.10", "2.55", "2.86", "2.92", "2.102"]))
+def test_fuzz_bodies(srv: Server, route: tuple[str, str, str, tuple[str, ...]], data: Any,
+                     version: str) -> None:
+    """Any JSON body: a Nova answer, never a 500; a refusal writes nothing (cmd checks)."""
+    method, path, top, keys = route
+    inner = data.draw(st.dictionaries(st.sampled_from(keys), _JSON, max_size=4) | _JSON)
+    body = data.draw(st.just({top: inner}) | _JSON)
+    r = cmd(srv, method, path, body, token=ADMIN_TOKEN, version=version)
+    assert r.status < 500, (method, path, body, r.body)

@@ -10,6 +10,8 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastpath.api.views import render_server
 from fastpath.store import Batch, Upsert
@@ -213,3 +215,24 @@ def test_commands_of_one_group_see_each_other(srv: Server) -> None:
     final = get(srv, f"/v2.1/servers/{U}")["server"]["metadata"]
     assert final == {**ORIGINAL, "x": "1", "y": "2"}
     assert srv.plan.context.committer is not None
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(route=st.sampled_from([("POST", MD, "metadata"), ("PUT", MD, "metadata"),
+                              ("PUT", MD + "/k", "meta"), ("PUT", TAGS, "tags"),
+                              ("PUT", TAGS + "/t", None)]),
+       data=st.data())
+def test_fuzz_bodies(srv: Server, route: tuple[str, str, str | None], data: Any) -> None:
+    """Any JSON body: a Nova answer, never a 500; a refusal writes nothing (cmd checks)."""
+    method, target, top = route
+    body = data.draw((st.builds(lambda v: {top: v}, _JSON) if top else st.nothing()) | _JSON)
+    r = cmd(srv, method, target, body)
+    assert r.status < 500, (method, target, body, r.body)
