@@ -550,9 +550,14 @@ def provisional_record(values: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown record field(s): {sorted(unknown)}")
     rec = dict(_TEMPLATE)
+    for name in _EMPTY_CONTAINERS:  # never share the template's lists and maps
+        rec[name] = type(rec[name])()
     rec.update(values)
     rec["status"] = R.status_from_state(rec["vm_state"], rec["task_state"])
     return rec
+
+
+_EMPTY_CONTAINERS = tuple(k for k, v in _TEMPLATE.items() if isinstance(v, dict | list) and not v)
 
 
 class ServerCommands:
