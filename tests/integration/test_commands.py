@@ -331,3 +331,55 @@ def test_every_server_command_end_to_end(tmp_path: Path) -> None:
         wait_until(lambda: call("GET", f"/servers/{uid}")[0] == 404, 60, f"{uid} deleted")
     finally:
         server.stop()
+
+
+def test_quota_holds_under_concurrent_creates_on_every_worker(tmp_path: Path) -> None:
+    """16 clients over 2 worker processes race for a quota of 25 instances: exactly 25 are
+    admitted (each command re-checks the usage inside its write transaction), the rest get
+    Nova's 403, and the store counts 25."""
+    data = tmp_path / "data"
+    data.mkdir()
+    seed(data)
+    store = Store.open(data, map_size=1 << 26)
+    try:
+        store.apply(Batch(catalog=[CatalogPut(Catalog.QUOTA_LIMITS, PROJECT, {"instances": 25})]))
+    finally:
+        store.close()
+    server = FastpathServer(data_dir=data, port=free_port(), workers=2, sidecars=False)
+    server.start()
+    results: list[tuple[int, str]] = []
+    lock = threading.Lock()
+    go = threading.Event()
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        headers = {"X-Auth-Token": TOKEN, "Content-Type": "application/json",
+                   "OpenStack-API-Version": "compute 2.37"}
+        go.wait(10)
+        try:
+            for _ in range(5):
+                conn.request("POST", "/v2.1/servers", body(), headers)
+                r = conn.getresponse()
+                data = json.loads(r.read())
+                with lock:
+                    results.append((r.status, json.dumps(data)))
+        finally:
+            conn.close()
+
+    try:
+        server.distinct_pids(2)  # both workers answer
+        threads = [threading.Thread(target=client) for _ in range(16)]
+        for t in threads:
+            t.start()
+        go.set()
+        for t in threads:
+            t.join(60)
+        statuses = sorted(s for s, _ in results)
+        assert statuses == [202] * 25 + [403] * 55, statuses
+        refusal = next(b for s, b in results if s == 403)
+        assert "Quota exceeded for instances: Requested 1, but already used 25 of 25 instances" in refusal
+    finally:
+        server.stop()
+    with Store.open(data, map_size=1 << 26) as s, s.read() as r:
+        assert r.count(b"servers") == 25
+        assert r.quota_usage(PROJECT)["instances"] == 25
