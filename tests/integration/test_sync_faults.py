@@ -829,6 +829,29 @@ def test_standalone_sidecars_killed_while_commands_flow(
             r = server.get(f"/v2.1/servers/{u}", {"X-Auth-Token": f"fake:{projects[u]}"})
             assert r.status == want, (c, u, truth[c][u], r.status, r.body[:200])
             seen.add(want)
+    # The lists agree: every live server of the cells and none of the deleted ones, and
+    # changes-since shows each deleted one as DELETED.
+    admin = {"X-Auth-Token": "admin:admin"}
+    live = {u for c in CELLS for u, (_, kind) in truth[c].items() if kind == "upsert"}
+    dead = {u for c in CELLS for u, (_, kind) in truth[c].items() if kind == "delete"}
+    listed: set[str] = set()
+    marker = ""
+    while True:
+        r = server.get(f"/v2.1/servers?all_tenants=1&limit=200{marker}", admin)
+        assert r.status == 200, r.body[:300]
+        page = [s["id"] for s in r.json()["servers"]]
+        listed.update(page)
+        if len(page) < 200:
+            break
+        marker = f"&marker={page[-1]}"
+    assert listed == live, (sorted(listed - live)[:5], sorted(live - listed)[:5])
+    r = server.get("/v2.1/servers/detail?all_tenants=1&changes-since=2000-01-01T00:00:00Z"
+                   "&limit=1000", admin)
+    assert r.status == 200, r.body[:300]
+    statuses = {s["id"]: s["status"] for s in r.json()["servers"]}
+    assert len(live) + len(dead) < 1000  # one page holds them all
+    assert {u for u, st in statuses.items() if st == "DELETED"} == dead
+    assert set(statuses) == live | dead
     print(f"{len(faults)} faults; feeds pruned up to {pruned}; statuses seen {sorted(seen)};"
           f" {time.monotonic() - t0:.1f} s")
 
