@@ -589,3 +589,20 @@ def test_create_on_a_requested_host_2_74(srv: Server) -> None:
     assert create(srv, "2.74", ADMIN_TOKEN, host="c2-h1", networks="none").status == 202
     (entry,) = outbox(srv)
     assert (entry["cell"], entry["payload"]["host"]) == ("cell2", "c2-h1")
+
+
+def test_content_type(srv: Server) -> None:
+    raw = json.dumps(create_body()).encode()
+    store = srv.plan.context.store
+    writes = store.write_txns
+    r = srv.exchange(request("/v2.1/servers", f"X-Auth-Token: {TOKEN}", "Content-Type: text/plain",
+                             method="POST", body=raw)).wait(1)[0]
+    assert (r.status, r.json()) == (415, {"badMediaType": {"code": 415, "message": "Unsupported Content-Type"}})
+    assert store.write_txns == writes
+    r = srv.exchange(request("/v2.1/servers", f"X-Auth-Token: {TOKEN}",
+                             "Content-Type: application/json; charset=UTF-8",
+                             method="POST", body=raw)).wait(1)[0]
+    assert r.status == 202
+    r = srv.exchange(request("/v2.1/servers", f"X-Auth-Token: {TOKEN}", method="POST",
+                             body=raw)).wait(1)[0]
+    assert r.status == 202  # no Content-Type: JSON

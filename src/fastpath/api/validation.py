@@ -24,7 +24,7 @@ from typing import Any
 import jsonschema
 import orjson
 
-from fastpath.errors import BadRequest
+from fastpath.errors import BadRequest, HTTPFault
 
 MALFORMED = "Malformed request body"
 
@@ -181,12 +181,19 @@ class Schema:
             raise BadRequest(ex.message) from None
 
 
+JSON_TYPES = (b"application/json", b"application/vnd.openstack.compute+json")
+
+
 def json_body(req: Any) -> Any:
-    """The request body as JSON; Nova's 400 when it is not JSON."""
+    """The request body as JSON; Nova's 400 when it is not JSON, 415 when it says it is
+    something else (no Content-Type: JSON, as Nova assumes)."""
     raw = req.body
     if not raw:
         # Nova: a method that takes a body gets None, which its schema refuses.
         return None
+    ctype = req.content_type
+    if ctype and ctype.split(b";", 1)[0].strip().lower() not in JSON_TYPES:
+        raise HTTPFault(415, "Unsupported Content-Type")
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
