@@ -74,7 +74,6 @@ class GroupCommitter:
         self._queue = collections.deque()
         self._draining = False
         self._executor: ThreadPoolExecutor | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         # statistics (tests, metrics): durable commits, commands committed, refused as busy
         self.commits = 0
         self.commands = 0
@@ -99,7 +98,6 @@ class GroupCommitter:
         self._queue.append((work, fut))
         if not self._draining:
             self._draining = True
-            self._loop = loop
             loop.create_task(self._drain(loop))
         return await fut
 
