@@ -74,6 +74,7 @@ class GroupCommitter:
         self._queue = collections.deque()
         self._draining = False
         self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
         # statistics (tests, metrics): durable commits, commands committed, refused as busy
         self.commits = 0
         self.commands = 0
@@ -98,7 +99,8 @@ class GroupCommitter:
         self._queue.append((work, fut))
         if not self._draining:
             self._draining = True
-            loop.create_task(self._drain(loop))
+            # asyncio keeps only weak references to tasks: hold this one.
+            self._task = loop.create_task(self._drain(loop))
         return await fut
 
     async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
