@@ -405,19 +405,22 @@ class CellSync:
         orphans = [Tombstone(u, v, project, created, now_us())
                    for u, (v, project, created) in mine.items() if u not in present and v > 0]
         res.orphans = len(orphans)
-        uuids = [u for u, _, _ in versions]
+        # Servers, then orphans, in batches of the cell's (time-budgeted) size; the cursor
+        # and the cell's entry go with the last batch only.
+        todo: list[str | Tombstone] = [*(u for u, _, _ in versions), *orphans]
         i = 0
         while True:
-            chunk = uuids[i:i + st.limit]
+            chunk = todo[i:i + st.limit]
             i += len(chunk)
-            changes = self._project(cell, db, chunk, res)
+            changes = self._project(cell, db, [u for u in chunk if isinstance(u, str)], res)
             res.servers += len(changes)
-            if i < len(uuids):
+            changes += [t for t in chunk if isinstance(t, Tombstone)]
+            if i < len(todo):
                 res.summaries.append(self._apply(st, Batch(changes, repair=True)))
                 continue
             entry = cell_entry(cell, feed, db.hosts(), known)
             summary = self._apply(st, Batch(
-                [*changes, *orphans], cursor=(cell, top), reset_cursor=True, repair=True,
+                changes, cursor=(cell, top), reset_cursor=True, repair=True,
                 cursor_mark=feed.top_at, catalog=[CatalogPut(Catalog.CELLS, cell, entry)]))
             res.summaries.append(summary)
             break

@@ -526,3 +526,23 @@ def test_verify_names_a_server_the_store_files_under_another_cell(
     assert f"cell1 {a}: v1 live, store says cell 'cell2' v6" in div
     assert f"cell1 {gone}: cell v2 deleted, store v1 live" in div
     assert f"cell2 {a}: not in the cell, store v6 live" in div
+
+
+def test_orphans_are_tombstoned_in_bounded_batches_cursor_last(
+        env: tuple[Store, dict[str, SqliteCellDB]], tmp_path: Path) -> None:
+    store, cells = env
+    db = cells["cell1"]
+    for i in range(4):
+        create(db, i)
+    CellSync(store, {"cell1": db}).run_until_idle()
+    fresh = SqliteCellDB(str(tmp_path / "replaced.sqlite"))  # the cell replaced: 1 of 4 left
+    try:
+        create(fresh, 0)
+        s = CellSync(store, {"cell1": fresh}, batch=1)
+        res = s.resync("cell1")
+        assert (res.servers, res.orphans, len(res.summaries)) == (1, 3, 4)
+        assert [x.cursor_moved for x in res.summaries] == [False, False, False, True]
+        assert all(x.applied + x.tombstoned <= 1 for x in res.summaries)
+        assert_clean(store, {"cell1": fresh})
+    finally:
+        fresh.close()
