@@ -230,8 +230,14 @@ _RECORD_REGEX: dict[str, Callable[[dict[str, Any]], str | None]] = {
 }
 
 
-def _regex_pred(get: Callable[[Any], str | None], pattern: str) -> Callable[[Any], bool]:
-    rx = re.compile(pattern)
+def _regex_pred(get: Callable[[Any], str | None], pattern: str,
+                name: str = "") -> Callable[[Any], bool]:
+    # Nova matches these filters with the database's REGEXP; a pattern that does not
+    # compile is the caller's error (400 in the schema's words), never a 500.
+    try:
+        rx = re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        raise Q.invalid(name, pattern, f"{pattern!r} is not a 'regex'") from None
 
     def pred(x: Any) -> bool:
         v = get(x)
@@ -634,11 +640,11 @@ class _ListPlan:
         # filters (compute.API.get_all's remapping, then the DB's exact/regex filters)
         for k, v in opts.items():
             if k in _INDEX_REGEX:
-                self.preds.append(_regex_pred(_INDEX_REGEX[k], v))
+                self.preds.append(_regex_pred(_INDEX_REGEX[k], v, k))
             elif k in _INDEX_EXACT and k not in ("vm_state", "task_state"):
                 self.preds.append(_exact_pred(_INDEX_EXACT[k], v))
             elif k in _RECORD_REGEX:
-                self.rec_preds.append(_regex_pred(_RECORD_REGEX[k], v))
+                self.rec_preds.append(_regex_pred(_RECORD_REGEX[k], v, k))
             elif k == "uuid":
                 self.uuid_filter = v  # exact, on the index key (run)
         if vm_states is None and "vm_state" in opts:
