@@ -10,7 +10,7 @@ from tests.unit.catalog_support import TOKEN
 from tests.unit.conftest import Response, Server, request
 
 FAULT_NAMES = {400: "badRequest", 403: "forbidden", 404: "itemNotFound",
-               409: "conflictingRequest"}
+               409: "conflictingRequest", 415: "badMediaType", 503: "serviceUnavailable"}
 
 
 def cmd(s: Server, method: str, target: str, body: Any = None, token: str = TOKEN,

@@ -22,6 +22,8 @@ from fastpath.store import record as R
 from fastpath.store.changes import Catalog, CatalogPut
 from fastpath.store.samples import sample_record
 from tests.unit.catalog_support import ADMIN_TOKEN, BASE, PROJECT, TOKEN, Server, sample
+from tests.unit.command_support import cmd, get
+from tests.unit.command_support import err as fault
 from tests.unit.conftest import Response, request
 
 IMAGE = "70a599e0-31e7-49b7-b260-868f441e862b"
@@ -68,47 +70,10 @@ def put_server(s: Server, uuid: str = U, version: int = 1, **fields: Any) -> Non
     s.plan.context.store.apply(Batch([Upsert(uuid, version, rec)]), views.render_server)
 
 
-def cmd(s: Server, method: str, target: str, body: Any = None, token: str = TOKEN,
-        version: str = "2.1", budget: tuple[int, int] | None = None) -> Response:
-    """One write request; checks the budget: (1, 1) for a 2xx answer, (<= 1, 0) for a
-    refusal, or ``budget``."""
-    raw = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    store = s.plan.context.store
-    reads, writes = store.read_txns, store.write_txns
-    hs = [f"X-Auth-Token: {token}", f"OpenStack-API-Version: compute {version}"]
-    if raw is not None:
-        hs.append("Content-Type: application/json")
-    r = s.exchange(request(target, *hs, method=method, body=raw)).wait(1)[0]
-    spent = (store.read_txns - reads, store.write_txns - writes)
-    if budget is not None:
-        assert spent == budget, (target, r.status, r.body, spent)
-    elif r.status < 300:
-        assert spent == (1, 1), (target, r.status, r.body, spent)
-    else:
-        assert spent[0] <= 1 and spent[1] == 0, (target, r.status, r.body, spent)
-    return r
-
-
-def get(s: Server, target: str, token: str = TOKEN, version: str = "2.1") -> Any:
-    hs = [f"X-Auth-Token: {token}", f"OpenStack-API-Version: compute {version}"]
-    r = s.exchange(request(target, *hs)).wait(1)[0]
-    return r
-
-
 def show(s: Server, uuid: str, version: str = "2.1", token: str = ADMIN_TOKEN) -> dict[str, Any]:
     r = get(s, f"/v2.1/servers/{uuid}", token, version)
     assert r.status == 200, (r.status, r.body)
     return dict(r.json()["server"])
-
-
-def fault(r: Response, status: int) -> str:
-    names = {400: "badRequest", 403: "forbidden", 404: "itemNotFound", 409: "conflictingRequest",
-             503: "serviceUnavailable"}
-    assert r.status == status, (r.status, r.body)
-    body = r.json()
-    assert list(body) == [names[status]], body
-    assert body[names[status]]["code"] == status
-    return str(body[names[status]]["message"])
 
 
 def outbox(s: Server) -> list[dict[str, Any]]:
