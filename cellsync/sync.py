@@ -60,6 +60,13 @@ every ``ack_interval`` seconds; it may lag, which only delays pruning).  The cel
 entries every live consumer has applied (``CellDB.prune_acked``); a consumer silent for
 longer than ``cell.consumer_timeout`` holds nothing back and resyncs on return (gap).
 
+Store upkeep
+------------
+``sync_once`` also keeps the store small (:meth:`CellSync.housekeeping`): the append-only
+changes log is trimmed after every ``batch`` changes applied, and tombstones older than
+``store.tombstone_retention`` are purged every ten minutes, each in its own short write
+transaction.
+
 Host capacity
 -------------
 The cell's ``hosts`` rows reach the store's ``cells`` database (``Reader.cells()``:
@@ -112,6 +119,7 @@ HOST_FIELDS = ("vcpus", "ram_mb", "disk_gb", "vcpus_used", "ram_mb_used", "disk_
 # The time budget never shrinks a batch below this: a commit has a fixed cost (its fsyncs)
 # that smaller batches do not reduce, they would only multiply it.
 MIN_BATCH = 32
+PURGE_INTERVAL = 600.0  # seconds between two tombstone purges
 
 
 @dataclass
@@ -185,7 +193,8 @@ class CellSync:
 
     def __init__(self, store: Store, cells: Mapping[str, CellDB], batch: int = 500, *,
                  txn_budget: float = 0.020, consumer: str | None = None,
-                 ack_interval: float = 1.0, clock: Callable[[], float] = time.time) -> None:
+                 ack_interval: float = 1.0, tombstone_retention: float | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
         self.store = store
@@ -194,8 +203,11 @@ class CellSync:
         self.txn_budget = txn_budget
         self.consumer = consumer or default_consumer(store.path)
         self.ack_interval = ack_interval
+        self.tombstone_retention = tombstone_retention
         self.clock = clock
         self._stats: dict[str, CellStats] = {}
+        self._since_trim = 0  # changes applied since the changes log was last trimmed
+        self._next_purge = 0.0
 
     @classmethod
     def from_settings(cls, store: Store, cells: Mapping[str, CellDB],
@@ -203,7 +215,8 @@ class CellSync:
         return cls(store, cells, settings["cellsync.batch"],
                    txn_budget=settings["cellsync.txn_budget_ms"] / 1000.0,
                    consumer=settings["cellsync.consumer"] or None,
-                   ack_interval=settings["cellsync.ack_interval"])
+                   ack_interval=settings["cellsync.ack_interval"],
+                   tombstone_retention=settings["store.tombstone_retention"])
 
     def _state(self, cell: str) -> CellStats:
         st = self._stats.get(cell)
@@ -251,7 +264,32 @@ class CellSync:
         elif took < self.txn_budget / 2 and st.limit < self.batch:
             st.limit = min(self.batch, st.limit * 2)
         st.applied_total += summary.applied + summary.tombstoned
+        self._since_trim += summary.applied + summary.tombstoned
         return summary
+
+    def housekeeping(self) -> None:
+        """The store's upkeep that comes with applying, each in its own short write txn:
+
+        - after every ``batch`` changes applied, trim the changes log (``by_changed`` is
+          append-only; ``Store.trim_changes`` walks ``4 * batch`` entries), so it stays
+          near one entry per server;
+        - every :data:`PURGE_INTERVAL` seconds, purge the tombstones older than
+          ``tombstone_retention`` (when set), which raises the store's tombstone horizon.
+
+        ``sync_once`` calls it; it is cheap when there is nothing due.
+        """
+        if self._since_trim >= self.batch:
+            self._since_trim = 0
+            self.store.trim_changes(4 * self.batch)
+        if self.tombstone_retention is not None:
+            now = self.clock()
+            if now >= self._next_purge:
+                self._next_purge = now + PURGE_INTERVAL
+                n = self.store.purge_tombstones(int((now - self.tombstone_retention) * 1e6),
+                                                batch_size=self.batch)
+                if n:
+                    log.info("purged %d tombstones older than %.0f s", n,
+                             self.tombstone_retention)
 
     def _project(self, cell: str, db: CellDB, uuids: Sequence[str],
                  res: SyncResult) -> list[Upsert | Tombstone]:
@@ -342,6 +380,7 @@ class CellSync:
         st.cursor = res.cursor or 0
         st.pending_at = feed.entries[limit].at if len(feed.entries) > limit else None
         self._maybe_ack(cell, db, st)
+        self.housekeeping()
         return res
 
     def run_until_idle(self, max_rounds: int = 1_000_000) -> dict[str, int]:

@@ -546,3 +546,31 @@ def test_orphans_are_tombstoned_in_bounded_batches_cursor_last(
         assert_clean(store, {"cell1": fresh})
     finally:
         fresh.close()
+
+
+def test_sync_keeps_the_changes_log_trimmed_and_purges_old_tombstones(
+        env: tuple[Store, dict[str, SqliteCellDB]]) -> None:
+    store, cells = env
+    db = cells["cell1"]
+    clock = [time.time()]
+    s = CellSync(store, {"cell1": db}, batch=10, tombstone_retention=3600,
+                 clock=lambda: clock[0])
+    for i in range(5):
+        create(db, i)
+    for n in range(30):
+        db.update_instance(uid(n % 5), name=f"n{n}", updated_at=now_us() + n)
+        s.sync_once("cell1")
+    with store.read() as r:
+        total, current = r.changes_log_size()
+    assert current == 5 and total < 5 + 2 * 10  # superseded entries do not pile up
+    db.delete_instance(uid(0))
+    s.run_until_idle()
+    with store.read() as r:
+        assert r.tombstone(uid(0)) is not None
+    clock[0] += 3600 + 600 + 1  # past the retention and the purge interval
+    db.update_instance(uid(1), name="later")
+    s.sync_once("cell1")
+    with store.read() as r:
+        assert r.tombstone(uid(0)) is None and r.tombstone_horizon() > 0
+    # The cell still lists the server as deleted; without a tombstone that is not divergent.
+    assert_clean(store, {"cell1": db})
