@@ -250,6 +250,7 @@ class Forwarder:
         now = self.clock()
         groups: dict[str, list[Entry]] = {}
         blocked: dict[str, bytes] = {}  # server -> key of its earliest undelivered entry
+        server_cell: dict[str, str] = {}  # server -> the cell its entries go to this round
         bad: list[tuple[bytes, bytes]] = []
         for link in self.cells.values():
             link.queued = 0
@@ -272,7 +273,10 @@ class Forwarder:
                     bad.append((key, value))
                     continue
                 link = self._link(e.cell)
-                if link.backoff_until > now or (e.server is not None and e.server in blocked):
+                # A round delivers a server's entries to one cell only (the cell of its
+                # first entry), so a failing cell can never leave a gap in a server's order.
+                if link.backoff_until > now or (e.server is not None and (
+                        e.server in blocked or server_cell.setdefault(e.server, e.cell) != e.cell)):
                     if e.server is not None:
                         blocked.setdefault(e.server, e.key)
                     link.queued += 1
@@ -281,17 +285,8 @@ class Forwarder:
                 planned += 1
 
         done: list[tuple[bytes, bytes]] = []
-        for name, group in groups.items():
+        for name, entries in groups.items():
             link = self.cells[name]
-            # A failure in another cell this round may have blocked one of these servers.
-            entries = []
-            for e in group:
-                if e.server is not None and blocked.get(e.server, e.key) < e.key:
-                    link.queued += 1
-                else:
-                    entries.append(e)
-            if not entries:
-                continue
             try:
                 db = self._db(link)
                 db.accept_commands([(e.id, e.payload, e.server) for e in entries])
@@ -299,10 +294,6 @@ class Forwarder:
                 self._failed(link, exc, now)
                 res.failed.append(name)
                 link.queued += len(entries)
-                for e in entries:
-                    if e.server is not None and (e.server not in blocked
-                                                 or e.key < blocked[e.server]):
-                        blocked[e.server] = e.key
                 continue
             link.failures = 0
             link.backoff_until = 0.0

@@ -217,7 +217,9 @@ def test_order_per_server_holds_across_cells(
     g = open_cell(str(data), "ghost", create=True)
     g.close()
     clock.t += 100
-    assert fwd.round().delivered == 2
+    res = fwd.round()  # x1 now; x2 waits for the next round (one cell per server per round)
+    assert (res.delivered, res.queued) == (1, 1)
+    assert fwd.run_until_idle() == 1
     assert [c for c, _, _ in inbox(cells["cell1"])] == ["x3", "x2"]
     assert outbox_ids(store) == []
 
@@ -326,3 +328,26 @@ def test_metric_lines_read_the_store_once_uncounted(
     assert values['fastpath_forwarder_delivered_total{cell="cell1"}'] == 1
     assert values['fastpath_forwarder_failures_total{cell="ghost"}'] == 1
     assert values['fastpath_forwarder_delivered_total{cell="ghost"}'] == 0
+
+
+def test_a_round_sends_a_servers_entries_to_one_cell_only(
+        store: Store, data: Path, cells: dict[str, SqliteCellDB]) -> None:
+    # cell1 is met first (S2), then S1 goes to cell2 and, later, to cell1: were cell1's
+    # entries delivered first and cell2 then failed, S1's second entry would overtake.
+    put_outbox(store, [entry("z0", "cell1", S2), entry("z1", "cell2", S1),
+                       entry("z2", "cell1", S1, "stop"), entry("z3", "cell1", S3)])
+    locker = sqlite3.connect(cell_path(str(data), "cell2"), isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    fwd, clock, _ = make(store, data)
+    try:
+        res = fwd.round()
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert res.failed == ["cell2"] and res.delivered == 2
+    assert [c for c, _, _ in inbox(cells["cell1"])] == ["z0", "z3"]
+    clock.t += 100
+    assert fwd.run_until_idle() == 2
+    assert [c for c, _, _ in inbox(cells["cell2"])] == ["z1"]
+    assert [c for c, _, _ in inbox(cells["cell1"])] == ["z0", "z3", "z2"]
+    assert outbox_ids(store) == []
