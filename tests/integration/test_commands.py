@@ -79,6 +79,39 @@ class Client(threading.Thread):
             conn.close()
 
 
+class Load:
+    """``n`` clients creating servers until :meth:`stop`; the kill -9 tests stop them after
+    killing the server (their requests in flight then fail: not acknowledged)."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.stop_event = threading.Event()
+        self.clients = [Client(port, self.stop_event) for _ in range(n)]
+        for c in self.clients:
+            c.start()
+
+    @property
+    def acked(self) -> list[str]:
+        return [u for c in self.clients for u in c.acked]
+
+    def wait_acked(self, n: int, timeout: float) -> None:
+        wait_until(lambda: sum(len(c.acked) for c in self.clients) >= n, timeout,
+                   f"{n} acknowledged creates")
+
+    def stop(self) -> list[str]:
+        self.stop_event.set()
+        for c in self.clients:
+            c.join(15)
+        assert all(s in (403, 503) for c in self.clients for s in c.refused), \
+            [c.refused for c in self.clients]
+        return self.acked
+
+
+def kill_9(server: FastpathServer, pids: set[int]) -> None:
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    server.proc.wait(15)  # type: ignore[union-attr]
+
+
 def outbox_by_server(data: Path) -> dict[str, int]:
     store = Store.open(data, map_size=1 << 26)
     try:
@@ -103,21 +136,11 @@ def test_acknowledged_creates_survive_kill_9(tmp_path: Path) -> None:
     server.start()
     try:
         pids = server.child_pids() | {server.pid}
-        stop = threading.Event()
-        clients = [Client(server.port, stop) for _ in range(CLIENTS)]
-        for c in clients:
-            c.start()
-        # Under load for a while, then kill -9 every fastpath process at once.
-        wait_until(lambda: sum(len(c.acked) for c in clients) >= KILL_AFTER, 60,
-                   f"{KILL_AFTER} acknowledged creates")
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        stop.set()
-        for c in clients:
-            c.join(15)
-        server.proc.wait(15)  # type: ignore[union-attr]
-        acked = [u for c in clients for u in c.acked]
-        assert all(s in (403, 503) for c in clients for s in c.refused), [c.refused for c in clients]
+        load = Load(server.port, CLIENTS)
+        # Under load, kill -9 every fastpath process at once.
+        load.wait_acked(KILL_AFTER, 60)
+        kill_9(server, pids)
+        acked = load.stop()
         assert len(acked) == len(set(acked)) >= KILL_AFTER
 
         # Every acknowledged create is in the store with exactly one outbox entry.
@@ -144,15 +167,9 @@ def test_concurrent_creates_share_commits_across_workers(tmp_path: Path) -> None
     server.start()
     try:
         before = server.metrics()
-        stop = threading.Event()
-        clients = [Client(server.port, stop) for _ in range(16)]
-        for c in clients:
-            c.start()
-        wait_until(lambda: sum(len(c.acked) for c in clients) >= 400, 60, "400 acknowledged creates")
-        stop.set()
-        for c in clients:
-            c.join(15)
-        acked = sum(len(c.acked) for c in clients)
+        load = Load(server.port, 16)
+        load.wait_acked(400, 60)
+        acked = len(load.stop())
         after = server.metrics()
         writes = after["fastpath_store_write_txn_total"] - before["fastpath_store_write_txn_total"]
         reads = after["fastpath_store_read_txn_total"] - before["fastpath_store_read_txn_total"]
@@ -206,18 +223,10 @@ def test_kill_9_during_creates_through_the_cells(tmp_path: Path) -> None:
                 return len(r.cells()) == 2
         wait_until(cells_known, 60, "cellsync to bring both cells' capacity up")
         pids = server.child_pids() | {server.pid}
-        stop = threading.Event()
-        clients = [Client(server.port, stop) for _ in range(CLIENTS)]
-        for c in clients:
-            c.start()
-        wait_until(lambda: sum(len(c.acked) for c in clients) >= 150, 120, "150 acknowledged creates")
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        stop.set()
-        for c in clients:
-            c.join(15)
-        server.proc.wait(15)  # type: ignore[union-attr]
-        acked = [u for c in clients for u in c.acked]
+        load = Load(server.port, CLIENTS)
+        load.wait_acked(150, 120)
+        kill_9(server, pids)
+        acked = load.stop()
         assert len(acked) == len(set(acked)) >= 150
 
         server.start()  # the same data dir: cells resume, the forwarder drains the outbox
