@@ -206,7 +206,7 @@ class RoundResult:
     delivered: int = 0  # entries newly delivered (or found already in the inbox)
     dropped: int = 0  # malformed entries removed
     queued: int = 0  # entries read but left in the outbox
-    more: bool = False  # the read hit the batch limit: run again at once
+    more: bool = False  # run again at once (batch limit hit, or entries held for order)
     next_retry: float | None = None  # earliest clock() time a backing-off cell may be tried
     failed: list[str] = field(default_factory=list)  # cells that failed this round
 
@@ -255,6 +255,7 @@ class Forwarder:
         for link in self.cells.values():
             link.queued = 0
         planned = scanned = 0
+        next_round = False
         # PERF: entries of a backing-off cell are walked past (other cells must not wait
         # behind them), but at most scan_limit per round, so a long-dead cell with a deep
         # queue does not make every round decode all of it.
@@ -278,6 +279,8 @@ class Forwarder:
                 if link.backoff_until > now or (e.server is not None and (
                         e.server in blocked or server_cell.setdefault(e.server, e.cell) != e.cell)):
                     if e.server is not None:
+                        if e.server not in blocked and link.backoff_until <= now:
+                            next_round = True  # deliverable once its earlier entries are
                         blocked.setdefault(e.server, e.key)
                     link.queued += 1
                     continue
@@ -305,6 +308,7 @@ class Forwarder:
 
         if done or bad:
             remove_outbox(self.store, done + bad)
+        res.more = res.more or (next_round and bool(done))
         res.dropped = len(bad)
         self.dropped_total += len(bad)
         res.queued = sum(link.queued for link in self.cells.values())
