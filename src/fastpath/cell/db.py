@@ -51,8 +51,17 @@ attached_at)
     The change feed: ``seq`` INTEGER PRIMARY KEY AUTOINCREMENT (never reused, even after a
     prune), uuid, version, kind (``upsert``/``delete``), at.  One row is appended, in the same
     SQL transaction, for every transaction that changed a server (P2, P8).
+``consumers``
+    One row per consumer of the feed (an API host's cellsync): name, the seq it has applied,
+    when it said so.  :meth:`SqliteCellDB.prune_acked` deletes feed entries every consumer
+    seen within ``consumer_timeout`` has applied (beyond a retention); a consumer silent
+    longer finds a gap on return and resyncs.
 ``meta``
-    key/value: ``schema`` version.
+    key/value: ``schema`` version; ``epoch`` (absent = 0: versions are
+    ``epoch << EPOCH_SHIFT | counter``, see :meth:`SqliteCellDB.start_epoch`);
+    ``hosts_version`` (raised by triggers on every change to ``hosts``: cellsync re-reads
+    the hosts when it moved); ``done_commands_kept`` (the last N finished commands a record
+    lists, written by :meth:`SqliteCellDB.maintenance` from the cell's settings).
 
 Writing
 -------
