@@ -406,3 +406,15 @@ def test_update_and_rebuild_take_every_field_the_api_sends(
     settle(svc, db, clock)
     assert inst(db)["instance"]["disk_config"] == "MANUAL"
     assert state(db) == ("resized", None, 1)
+
+
+def test_a_refused_resize_holds_no_claim(db: SqliteCellDB,
+                                         active: tuple[CellService, Clock]) -> None:
+    svc, clock = active
+    before = usage(db)
+    send(db, "r1", U1, "resize", flavor=BIG, disk_config=7)  # not a string
+    send(db, "r2", U1, "resize", flavor={"id": "9", "name": "broken"})  # no vcpus/ram/disk
+    settle(svc, db, clock)
+    assert finished(db, "r1") == finished(db, "r2") == "failed"
+    assert state(db) == ("active", None, 1) and usage(db) == before
+    assert svc.driver.hosts_of(U1) == ["c2"]

@@ -298,6 +298,8 @@ class CellService:
                 action_id, event_id = self._begin_action(uuid, command_id, action,
                                                          spec.event, payload, inst, now)
         except (Refused, CellDBError) as e:
+            if action == "resize" and not resuming:  # give back a claim taken before it failed
+                self._write_hosts(self.driver.revert_resize(uuid))
             self._reject(command_id, uuid, payload, now, str(e))
             return 1
         except DriverFault as e:
