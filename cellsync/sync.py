@@ -207,6 +207,9 @@ class CellSync:
         self.clock = clock
         self._stats: dict[str, CellStats] = {}
         self._since_trim = 0  # changes applied since the changes log was last trimmed
+        # The store's cells entries as last decoded, valid while the table's generation is.
+        self._cells_gen = -1
+        self._cells_seen: dict[str, dict[str, Any] | None] = {}
         self._next_purge = 0.0
 
     @classmethod
@@ -223,6 +226,16 @@ class CellSync:
         if st is None:
             st = self._stats[cell] = CellStats(limit=self.batch)
         return st
+
+    def _known(self, r: Reader, cell: str) -> dict[str, Any] | None:
+        """The cell's entry in the store's ``cells`` database (PERF: decoded again only when
+        the table's generation moved: the entry holds every host of the cell)."""
+        gen = r.generation(Catalog.CELLS)
+        if gen != self._cells_gen:
+            self._cells_gen, self._cells_seen = gen, {}
+        if cell not in self._cells_seen:
+            self._cells_seen[cell] = r.cell(cell)
+        return self._cells_seen[cell]
 
     def cursor(self, cell: str) -> int:
         with self.store.read() as r:
@@ -333,7 +346,7 @@ class CellSync:
         with self.store.read() as r:
             c = r.cursor(cell)
             mark = r.cursor_mark(cell)
-            known = r.cell(cell)
+            known = self._known(r, cell)
         cursor = 0 if c is None else c
         limit = st.limit
         feed = db.read_feed(cursor, limit + 1)
