@@ -239,3 +239,38 @@ def test_forwarder_killed_repeatedly_while_commands_flow(
         assert {s for _, _, s in rows} == {"done"}
         assert len(actions) == len(rows) and all(n == 1 for _, n in actions)  # ran once
     assert kills == 10
+
+
+def test_metrics_show_a_queue_for_a_missing_cell(
+        tmp_path: Path, procs: list[Proc], fastpath_server: Callable[..., Any],
+        wait_until: Callable[..., Any]) -> None:
+    """``/metrics`` of a real server: the outbox depth and age (one store read per scrape,
+    which the workers' budget counters do not see) and the forwarder's per-cell counters
+    while a cell that does not exist yet keeps its commands queued."""
+    data = tmp_path / "data"
+    open_cell(str(data), "cell1", create=True).close()
+    server = fastpath_server(data_dir=data, sidecars=False)
+    store = Store.open(data, map_size=1 << 26)
+    try:
+        submit(store, [("cell1", str(uuidlib.uuid4()), f"req-a{i}", payload(f"req-a{i}", "lock"))
+                       for i in range(3)] +
+               [("ghost", str(uuidlib.uuid4()), f"req-g{i}", payload(f"req-g{i}", "lock"))
+                for i in range(2)])
+    finally:
+        store.close()
+    m = server.metrics()
+    assert m["fastpath_outbox_depth"] == 5 and m["fastpath_outbox_oldest_age_seconds"] >= 0
+    reads = m["fastpath_store_read_txn_total"]
+    assert server.metrics()["fastpath_store_read_txn_total"] == reads  # scrapes uncounted
+    procs.append(Proc("forwarder", ("fastpath", "forwarder", "--data-dir", str(data),
+                                    "--set", "forwarder.retry_initial=5"), tmp_path))
+
+    def delivered() -> dict[str, float] | None:
+        m = server.metrics()
+        ok = (m.get("fastpath_outbox_depth") == 2
+              and m.get('fastpath_forwarder_delivered_total{cell="cell1"}') == 3
+              and m.get('fastpath_forwarder_failures_total{cell="ghost"}', 0) >= 1)
+        return m if ok else None
+
+    m = wait_until(delivered, TIMEOUT, "cell1 delivered, ghost queued with a failure")
+    assert m['fastpath_forwarder_delivered_total{cell="ghost"}'] == 0
