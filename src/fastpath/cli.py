@@ -60,7 +60,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     if args.servers < 0 or args.projects < 1:
         raise SettingsError("seed: --servers must be >= 0 and --projects >= 1")
     return seed_main(settings["data_dir"], args.servers, args.projects, args.seed, args.jobs,
-                     settings, direct=args.direct)
+                     settings, direct=args.direct, wait=args.wait)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes writing the cells, or rendering with --direct (default: one per core)")
     p.add_argument("--direct", action="store_true",
                    help="write the API store directly instead of the cells (benchmarks)")
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="longest wait for a running cellsync to bring the servers up "
+                        "(default: 120 s plus 1 s per 500 servers); exit 1 after it")
     p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("cell", help="run one compute cell (database, inbox, simulated driver)")

@@ -312,35 +312,31 @@ def _cellsync_running(data_dir: str) -> bool:
     return any(r["role"] == "cellsync" for r in collect(data_dir))
 
 
-def _cursors(data_dir: str, settings: Any, cells: Sequence[str]) -> dict[str, int]:
-    from fastpath.api.context import open_store
-
-    store = open_store(settings)
-    try:
-        with store.read() as r:
-            return {c: r.cursor(c) or 0 for c in cells}
-    finally:
-        store.close()
-
-
 def _bring_up(data_dir: str, settings: Any, heads: dict[str, int], wait: float) -> str:
     """Bring the cells' changes up to ``heads`` into the store; says who did it."""
     from fastpath.wake import bell_path, ring
 
     if _cellsync_running(data_dir):
+        from fastpath.api.context import open_store
+
         ring(bell_path(data_dir, "cellsync"))
         deadline = time.monotonic() + wait
-        while True:
-            cursors = _cursors(data_dir, settings, list(heads))
-            if all(cursors[c] >= h for c, h in heads.items()):
-                return "the running cellsync"
-            if time.monotonic() >= deadline:
-                behind = ", ".join(f"{c} at {cursors[c]} of {h}" for c, h in heads.items()
-                                   if cursors[c] < h)
-                raise TimeoutError(
-                    f"cellsync did not catch up within {wait:.0f} s ({behind}); the servers "
-                    "are in the cells and will appear when it does")
-            time.sleep(0.05)
+        store = open_store(settings)
+        try:
+            while True:
+                with store.read() as r:  # each read sees the latest commit
+                    cursors = {c: r.cursor(c) or 0 for c in heads}
+                if all(cursors[c] >= h for c, h in heads.items()):
+                    return "the running cellsync"
+                if time.monotonic() >= deadline:
+                    behind = ", ".join(f"{c} at {cursors[c]} of {h}" for c, h in heads.items()
+                                       if cursors[c] < h)
+                    raise TimeoutError(
+                        f"cellsync did not catch up within {wait:.0f} s ({behind}); the "
+                        "servers are in the cells and will appear when it does")
+                time.sleep(0.05)
+        finally:
+            store.close()
     from cellsync.__main__ import open_all
     from cellsync.sync import CellSync
 
@@ -415,7 +411,7 @@ def seed_data_dir(
 
 
 def seed_main(data_dir: str, servers: int, projects: int, seed: int, jobs: int,
-              settings: Any, direct: bool = False) -> int:
+              settings: Any, direct: bool = False, wait: float | None = None) -> int:
     last = [0.0]
 
     def progress(done: int, total: int) -> None:
@@ -428,7 +424,8 @@ def seed_main(data_dir: str, servers: int, projects: int, seed: int, jobs: int,
     if cells:
         try:
             result = seed_through_cells(data_dir, servers, projects, cells, seed=seed,
-                                        jobs=jobs, settings=settings, progress=progress)
+                                        jobs=jobs, settings=settings, progress=progress,
+                                        wait=wait)
         except TimeoutError as exc:
             print(f"fastpath seed: {exc}", file=sys.stderr)
             return 1

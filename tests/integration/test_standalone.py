@@ -185,3 +185,25 @@ def test_reload_adds_a_cell_and_restarts_only_what_changed(
     final = sidecars(status(server))
     assert final["cell3"]["pid"] == after["cell3"]["pid"]
     assert final["cellsync"]["pid"] == after["cellsync"]["pid"]
+
+
+def test_seed_waits_for_a_frozen_cellsync_only_so_long(
+    tmp_path: Path, fastpath_server: Factory, wait_until: Callable[..., Any]
+) -> None:
+    """The wait for the running cellsync is bounded: with cellsync frozen, seed says so and
+    exits 1; the servers are in the cells and appear once cellsync runs again."""
+    data = tmp_path / "data"
+    server = fastpath_server(workers=1, data_dir=data)
+    first = wait_until(lambda: all_ready(server, {"cell1", "cell2", "cellsync"}), WAIT,
+                       "cells and cellsync ready", step=0.1)
+    frozen = first["cellsync"]["pid"]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        done = cli("seed", "--data-dir", str(data), "--servers", "40", "--projects", "2",
+                   "--wait", "1")
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert done.returncode == 1
+    assert "cellsync did not catch up within 1 s (cell1 at " in done.stderr
+    wait_until(lambda: len(server_ids(server, 2)) == 40, WAIT, "the 40 servers on the API")
+    assert verify(data) == "checked 40 servers in 2 cells: 0 divergent"
