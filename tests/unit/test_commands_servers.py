@@ -571,3 +571,14 @@ def test_content_type(srv: Server) -> None:
     r = srv.exchange(request("/v2.1/servers", f"X-Auth-Token: {TOKEN}", method="POST",
                              body=raw)).wait(1)[0]
     assert r.status == 202  # no Content-Type: JSON
+
+
+def test_create_forced_host_through_the_zone(srv: Server) -> None:
+    assert fault(create(srv, availability_zone="nova:c2-h1"), 403) == (
+        "Policy doesn't allow os_compute_api:servers:create:forced_host to be performed.")
+    assert fault(create(srv, token=ADMIN_TOKEN, availability_zone="nova:nowhere"), 400) == (
+        "Compute host nowhere could not be found.")
+    assert create(srv, token=ADMIN_TOKEN, availability_zone="nova:c2-h1").status == 202
+    assert create(srv, token=ADMIN_TOKEN, availability_zone=":c1-h1").status == 202
+    assert [(e["cell"], e["payload"]["host"]) for e in outbox(srv)] == [
+        ("cell2", "c2-h1"), ("cell1", "c1-h1")]

@@ -667,8 +667,15 @@ class ServerCommands:
         md_limit = int(limits.get("metadata_items", 128))
         if md_limit >= 0 and len(md) > md_limit:
             raise Forbidden(f"Maximum number of metadata items exceeds {md_limit}")
-        # availability zone
+        # availability zone, or Nova's forced host "zone:host[:node]" (admin)
         zone = s.get("availability_zone")
+        forced: str | None = str(s["host"]) if version >= 74 and s.get("host") else None
+        if zone is not None and ":" in zone:
+            zone, _, rest = zone.partition(":")
+            if not req.is_admin:
+                raise C.forbidden("os_compute_api:servers:create:forced_host")
+            forced = rest.split(":", 1)[0] or forced
+            zone = zone or None
         if zone is not None:
             zones = self.scheduler.known_zones(r) or {DEFAULT_ZONE}
             if zone not in zones:
@@ -680,12 +687,11 @@ class ServerCommands:
             places = self.scheduler.choose(r, flavor, zone, count)
         except schedule.NoCells as e:
             raise HTTPFault(503, f"No valid host was found. {e}.", ((b"Retry-After", b"5"),)) from None
-        if version >= 74 and s.get("host"):
-            host = str(s["host"])
-            owner = self.scheduler.capacity(r).host_cell(host)
+        if forced is not None:
+            owner = self.scheduler.capacity(r).host_cell(forced)
             if owner is None:
-                raise BadRequest(f"Compute host {host} could not be found.")
-            places = [schedule.Placement(owner, host, zone) for _ in places]
+                raise BadRequest(f"Compute host {forced} could not be found.")
+            places = [schedule.Placement(owner, forced, zone) for _ in places]
 
         name = str(s["name"])
         hints = body.get("OS-SCH-HNT:scheduler_hints") or body.get("os:scheduler_hints") or {}
