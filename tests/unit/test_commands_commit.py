@@ -80,6 +80,7 @@ def test_concurrent_commands_share_commits(store: Store) -> None:
     commits = store.write_txns - writes
     assert commits == gc.commits < 200, commits
     assert gc.commands == 200
+    assert gc.held > 0 and gc.lock_wait >= 0  # time under the writer lock, summed
     gc.close()
 
 

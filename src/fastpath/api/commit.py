@@ -28,6 +28,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -79,6 +80,9 @@ class GroupCommitter:
         self.commits = 0
         self.commands = 0
         self.busy = 0
+        self.lock_wait = 0.0  # seconds waiting for LMDB's writer lock, summed
+        self.held = 0.0  # seconds holding it through the durable commit, summed
+        self._logged = (time.monotonic(), 0, 0, 0.0, 0.0)
 
     @property
     def queued(self) -> int:
@@ -122,6 +126,10 @@ class GroupCommitter:
                     continue
                 self.commits += 1
                 self.commands += len(group)
+                self.lock_wait += result.lock_wait
+                self.held += result.held
+                if log.isEnabledFor(logging.DEBUG):
+                    self._log_stats()
                 for (_, fut), (ok, value) in zip(group, result.outcomes, strict=True):
                     if fut.done():  # the caller went away; its command is committed anyway
                         continue
@@ -133,6 +141,18 @@ class GroupCommitter:
                     wake.ring(self.bell)  # never blocks or raises; the forwarder also polls
         finally:
             self._draining = False
+
+    def _log_stats(self) -> None:
+        """At debug level, every 10 s: groups, their size, writer-lock wait and hold."""
+        t, commits, commands, wait, held = self._logged
+        now = time.monotonic()
+        if now - t < 10 or self.commits == commits:
+            return
+        n = self.commits - commits
+        log.debug("group commit: %d commits of %.1f commands; writer lock: %.2f ms waited, "
+                  "%.2f ms held (works + fsync) per commit", n, (self.commands - commands) / n,
+                  (self.lock_wait - wait) * 1e3 / n, (self.held - held) * 1e3 / n)
+        self._logged = (now, self.commits, self.commands, self.lock_wait, self.held)
 
     def _commit(self, works: list[Callable[[CommandTxn], Any]],
                 loop: asyncio.AbstractEventLoop) -> GroupResult:

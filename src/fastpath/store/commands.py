@@ -25,6 +25,7 @@ where no read transaction is open) and runs the group again.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -200,6 +201,8 @@ class GroupResult:
     outcomes: list[tuple[bool, Any]]
     outbox_written: int
     attempts: int
+    lock_wait: float = 0.0  # seconds waiting for LMDB's writer lock (other writers)
+    held: float = 0.0  # seconds from holding the lock to the durable commit (works + fsync)
 
 
 RESIZE_GROW = "grow"  # MDB_MAP_FULL: grow the map (Store._grow)
@@ -220,11 +223,13 @@ def run_group(store: Store, works: Sequence[Work], render: Renderer | None,
     attempts = 0
     while True:
         attempts += 1
+        t0 = time.perf_counter()
         try:
             txn = env.begin(write=True)
         except lmdb.MapResizedError:
             resize(RESIZE_ADOPT)
             continue
+        t1 = time.perf_counter()
         store._counts[1] += 1
         outcomes: list[tuple[bool, Any]] = []
         written = 0
@@ -245,7 +250,7 @@ def run_group(store: Store, works: Sequence[Work], render: Renderer | None,
                     child.commit()
                     written += ctxn.outbox_written
                     outcomes.append((True, value))
-            return GroupResult(outcomes, written, attempts)
+            return GroupResult(outcomes, written, attempts, t1 - t0, time.perf_counter() - t1)
         except lmdb.MapFullError:
             resize(RESIZE_GROW)
 
