@@ -48,7 +48,10 @@ def test_schema_created_in_wal_with_every_table(tmp_path: Path) -> None:
     assert {"instances", "instance_flavor", "instance_extra", "instance_metadata",
             "instance_tags", "instance_security_groups", "virtual_interfaces", "ip_addresses",
             "volume_attachments", "instance_faults", "instance_actions",
-            "instance_actions_events", "hosts", "inbox", "changes", "meta"} <= tables
+            "instance_actions_events", "hosts", "inbox", "changes", "meta",
+            "consumers"} <= tables
+    triggers = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    assert {"hosts_insert", "hosts_update", "hosts_delete"} <= triggers
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     cols = {r[1] for r in conn.execute("PRAGMA table_info(instances)")}
     assert set(INSTANCE_COLUMNS) == cols
