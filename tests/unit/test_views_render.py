@@ -87,3 +87,13 @@ def test_scalars_as_json_dumps() -> None:
     for v in ["", "a\"b\\c", "\x00\x7f\x1f", "☃\U0001f600\u2028", 0, -5, 2**70, True, False,
               None, 1.5, [1, "x"], {"k": [None]}]:
         assert table._dumps(v) == json.dumps(v, ensure_ascii=True)
+
+
+def test_unhashable_values_where_scalars_belong_still_render() -> None:
+    # render_server takes any mapping; a list where a string belongs is rendered as JSON
+    # (not kept), as the plain json.dumps renderer did.
+    rec = sample_record(seed=2)
+    rec["key_name"] = ["not", "a", "name"]
+    blob = views.render_server(rec)[views.VIEW_ID]
+    d = json.loads(views.server_json(blob, 104, True, b"http://h"))
+    assert d["key_name"] == ["not", "a", "name"]

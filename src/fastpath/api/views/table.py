@@ -518,7 +518,11 @@ def render_fragments(rec: dict[str, Any]) -> list[bytes]:
     out = [b""] * N_FRAGMENTS
     for i, field, memo, prefix, value in _FIELDS_MEMO:
         v = rec[field]
-        b = memo.get(v)
+        try:
+            b = memo.get(v)
+        except TypeError:  # not a record's scalar (unvalidated input): render, keep nothing
+            out[i] = _fragment(prefix, value(v))
+            continue
         if b is None:
             b = _fragment(prefix, value(v))
             if len(memo) >= _MEMO_MAX:
