@@ -201,6 +201,19 @@ class CellLink:
             self.db = None
 
 
+@dataclass(frozen=True)
+class _Prefix:
+    """The head of the outbox known to wait for backing-off cells: every entry up to
+    ``last_key`` is queued for a cell of ``backing_off`` or for a server ``blocked`` by one;
+    valid while exactly those cells back off (the forwarder is the outbox's only deleter
+    and new entries only append)."""
+
+    last_key: bytes
+    backing_off: frozenset[str]
+    blocked: dict[str, bytes]
+    queued: dict[str, int]
+
+
 @dataclass
 class RoundResult:
     delivered: int = 0  # entries newly delivered (or found already in the inbox)
@@ -209,6 +222,7 @@ class RoundResult:
     more: bool = False  # run again at once (batch limit hit, or entries held for order)
     next_retry: float | None = None  # earliest clock() time a backing-off cell may be tried
     failed: list[str] = field(default_factory=list)  # cells that failed this round
+    scanned: int = 0  # outbox entries decoded this round (the remembered prefix excluded)
 
 
 class Forwarder:
@@ -242,6 +256,7 @@ class Forwarder:
         self._bells: dict[str, str] = {}
         self.dropped_total = 0
         self._stats_written = 0.0
+        self._prefix: _Prefix | None = None
 
     # -- one round --------------------------------------------------------------------------
     def round(self) -> RoundResult:
@@ -257,21 +272,38 @@ class Forwarder:
         planned = scanned = 0
         next_round = False
         # PERF: entries of a backing-off cell are walked past (other cells must not wait
-        # behind them), but at most scan_limit per round, so a long-dead cell with a deep
-        # queue does not make every round decode all of it.
+        # behind them), but at most scan_limit per round; and the run of such entries at the
+        # head of the outbox (the "prefix") is remembered while the same cells back off, so
+        # a dead cell's deep queue is not decoded again at every round (every API commit).
+        backing_off = frozenset(n for n, lk in self.cells.items() if lk.backoff_until > now)
+        start: bytes | None = None
+        if self._prefix is not None and backing_off and self._prefix.backing_off == backing_off:
+            start = self._prefix.last_key
+            blocked = dict(self._prefix.blocked)
+            for name, n in self._prefix.queued.items():
+                self.cells[name].queued = n
+        prefix_open = True
+        prefix_last = start
+        prefix_state: _Prefix | None = None
         with self.store.read() as r:
-            for k, v in r.txn.cursor(db=r.dbs.outbox):
+            cur = r.txn.cursor(db=r.dbs.outbox)
+            positioned = cur.set_range(start) if start is not None else cur.first()
+            while positioned:
+                key, value = bytes(cur.key()), bytes(cur.value())
+                positioned = cur.next()
+                if key == start:
+                    continue
                 if planned >= self.batch:
                     res.more = True
                     break
                 if scanned >= self.scan_limit:
                     break
                 scanned += 1
-                key, value = bytes(k), bytes(v)
                 e = decode_entry(key, value)
                 if e is None:
                     log.error("forwarder: dropping malformed outbox entry %s", key.hex())
                     bad.append((key, value))
+                    prefix_open = False
                     continue
                 link = self._link(e.cell)
                 # A round delivers a server's entries to one cell only (the cell of its
@@ -281,11 +313,21 @@ class Forwarder:
                     if e.server is not None:
                         if e.server not in blocked and link.backoff_until <= now:
                             next_round = True  # deliverable once its earlier entries are
+                            prefix_open = False
                         blocked.setdefault(e.server, e.key)
                     link.queued += 1
+                    if prefix_open:
+                        prefix_last = key
                     continue
+                if prefix_open:
+                    prefix_open = False
+                    prefix_state = self._snapshot_prefix(prefix_last, backing_off, blocked)
                 groups.setdefault(e.cell, []).append(e)
                 planned += 1
+        if prefix_open:
+            prefix_state = self._snapshot_prefix(prefix_last, backing_off, blocked)
+        self._prefix = prefix_state if backing_off else None
+        res.scanned = scanned
 
         done: list[tuple[bytes, bytes]] = []
         for name, entries in groups.items():
@@ -315,6 +357,13 @@ class Forwarder:
         waits = [lk.backoff_until for lk in self.cells.values() if lk.queued and lk.backoff_until]
         res.next_retry = min(waits, default=None)
         return res
+
+    def _snapshot_prefix(self, last_key: bytes | None, backing_off: frozenset[str],
+                         blocked: dict[str, bytes]) -> _Prefix | None:
+        if last_key is None:
+            return None
+        return _Prefix(last_key, backing_off, dict(blocked),
+                       {n: lk.queued for n, lk in self.cells.items() if lk.queued})
 
     def run_until_idle(self, max_rounds: int = 1000) -> int:
         """Rounds until nothing more can be delivered now; returns how many were delivered."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -350,4 +351,36 @@ def test_a_round_sends_a_servers_entries_to_one_cell_only(
     assert fwd.run_until_idle() == 2
     assert [c for c, _, _ in inbox(cells["cell2"])] == ["z1"]
     assert [c for c, _, _ in inbox(cells["cell1"])] == ["z0", "z3", "z2"]
+    assert outbox_ids(store) == []
+
+
+def test_a_dead_cells_queue_is_not_decoded_again_at_every_round(
+        store: Store, data: Path, cells: dict[str, SqliteCellDB]) -> None:
+    ghosts = [entry(f"g{i:02d}", "ghost", str(uuidlib.UUID(int=i + 100, version=4)))
+              for i in range(40)]
+    put_outbox(store, [*ghosts, entry("a0", "cell1", S1)])
+    fwd, clock, _ = make(store, data)
+    res = fwd.round()  # ghost fails: backing off from now on
+    assert (res.delivered, res.failed, res.scanned) == (1, ["ghost"], 41)
+    res = fwd.round()  # the dead queue is walked once more and remembered
+    assert (res.delivered, res.queued, res.scanned) == (0, 40, 40)
+    put_outbox(store, [entry(f"a{i}", "cell1", S1) for i in range(1, 6)])
+    res = fwd.round()
+    assert (res.delivered, res.queued, res.scanned) == (5, 40, 5)
+    put_outbox(store, [entry("g40", "ghost", S2), entry("a6", "cell1", S1),
+                       entry("g41", "ghost", S3), entry("a7", "cell1", S2)])
+    res = fwd.round()  # S2 waits behind its ghost entry
+    assert (res.delivered, res.queued, res.scanned) == (1, 43, 4)
+    assert [fwd.round().scanned for _ in range(2)] == [2, 0]  # the prefix took them in
+    assert fwd.cells["ghost"].queued == 42 and fwd.cells["cell1"].queued == 1
+    g = open_cell(str(data), "ghost", create=True)
+    try:
+        clock.t = fwd.cells["ghost"].backoff_until + 0.01
+        res = fwd.round()  # out of back-off: everything is looked at again
+        assert (res.delivered, res.scanned) == (42, 43) and res.more
+        assert fwd.run_until_idle() == 1
+        assert [c for c, _, _ in inbox(g)] == [e["id"] for e in ghosts] + ["g40", "g41"]
+    finally:
+        g.close()
+    assert [c for c, _, _ in inbox(cells["cell1"])] == [f"a{i}" for i in range(8)]
     assert outbox_ids(store) == []
