@@ -303,7 +303,9 @@ def test_a_stale_delete_leaves_a_reused_key_alone(
 
     [k] = put_outbox(store, [entry("old", "cell1", S1)])
     with store.read() as r:
-        old = bytes(r.txn.get(k, db=r.dbs.outbox))
+        raw = r.txn.get(k, db=r.dbs.outbox)
+        assert raw is not None
+        old = bytes(raw)
     assert remove_outbox(store, [(k, old)]) == 1
     [k2] = put_outbox(store, [entry("new", "cell1", S1)])
     assert k2 == k  # the outbox was empty: the key is reused
