@@ -329,8 +329,8 @@ def _bring_up(data_dir: str, settings: Any, heads: dict[str, int], wait: float) 
                 if all(cursors[c] >= h for c, h in heads.items()):
                     return "the running cellsync"
                 if time.monotonic() >= deadline:
-                    behind = ", ".join(f"{c} at {cursors[c]} of {h}" for c, h in heads.items()
-                                       if cursors[c] < h)
+                    behind = ", ".join(f"{c} at {cursors[c]} of {heads[c]}"
+                                       for c in sorted(heads) if cursors[c] < heads[c])
                     raise TimeoutError(
                         f"cellsync did not catch up within {wait:.0f} s ({behind}); the "
                         "servers are in the cells and will appear when it does")
