@@ -257,3 +257,18 @@ def test_provisional_record_counts_quota_and_is_listed(store: Store) -> None:
         assert r.quota_usage(rec["project_id"]) == {"instances": 1, "cores": 1, "ram": 2048}
         assert not r.check()
     gc.close()
+
+
+def test_pending_follows_commit_order(store: Store) -> None:
+    """A command read earlier but committed later still overlays last (the cell runs the
+    commands in commit order)."""
+    store.apply(Batch([Upsert(UUID, 1, sample_record(UUID, 1))]), render=views.render_server)
+    gc = GroupCommitter(store, views.render_server)
+    run(gc.submit(lambda c: c.set_pending(UUID, "req-b", {"name": "b"}, at=200)))
+    eff = run(gc.submit(lambda c: c.set_pending(UUID, "req-a", {"name": "a"}, at=100)))
+    assert eff["name"] == "a"
+    with store.read() as r:
+        rec = r.get_server(UUID)
+    assert rec is not None and rec["pending"]["req-a"]["at"] == 201
+    assert R.effective(rec)["name"] == "a"
+    gc.close()

@@ -137,7 +137,9 @@ class CommandTxn:
         re-render the server's index entries and views from the effective record.
 
         ``fields``: cell-owned fields (:data:`record.PENDABLE`) as they will be once the cell
-        ran the command.  Returns the new effective record.  The frame (version, timestamps)
+        ran the command.  Its ``at`` is ``at`` (default now), raised past the server's
+        pending entries if need be, so the overlay follows commit order (the order the cell
+        runs them in).  Returns the new effective record.  The frame (version, timestamps)
         is kept: only the cell moves a server's version.
         """
         bad = sorted(set(fields) - R.PENDABLE)
@@ -153,7 +155,12 @@ class CommandTxn:
         raw = txn.get(u, db=d.api_fields)
         api: dict[str, Any] = msgpack.unpackb(raw, raw=False) if raw is not None else {}
         pending = dict(api.get("pending") or {})
-        pending[command_id] = {"at": R.now_us() if at is None else at, "fields": dict(fields)}
+        # The overlay applies entries by ``at``: keep that the commit order, even when a
+        # command read earlier commits later (or the clock stepped back).
+        when = R.now_us() if at is None else at
+        if pending:
+            when = max(when, max(int(e.get("at", 0)) for e in pending.values()) + 1)
+        pending[command_id] = {"at": when, "fields": dict(fields)}
         api["pending"] = pending
         txn.put(u, R.pack(api), db=d.api_fields)
         rec["pending"] = pending
