@@ -623,7 +623,7 @@ class ServerCommands:
     def _plan_create(self, r: Reader, req: Any, body: dict[str, Any], s: dict[str, Any],
                      version: int) -> _CreatePlan:
         project, user = str(req.project), str(req.user)
-        # min/max count (Nova: _get_requested_count? the API layer checks min <= max)
+        # min/max count (the API layer's check; quota decides how many within them)
         min_count = int(s.get("min_count", 1))
         max_count = int(s.get("max_count", min_count))
         if min_count > max_count:
