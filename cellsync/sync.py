@@ -63,9 +63,9 @@ longer than ``cell.consumer_timeout`` holds nothing back and resyncs on return (
 Store upkeep
 ------------
 ``sync_once`` also keeps the store small (:meth:`CellSync.housekeeping`): the append-only
-changes log is trimmed after every ``batch`` changes applied, and tombstones older than
-``store.tombstone_retention`` are purged every ten minutes, each in its own short write
-transaction.
+changes log is trimmed when a round is idle (and, while busy, once per eight batches), and
+tombstones older than ``store.tombstone_retention`` are purged every ten minutes, each in
+its own short write transaction.
 
 Host capacity
 -------------
@@ -120,6 +120,8 @@ HOST_FIELDS = ("vcpus", "ram_mb", "disk_gb", "vcpus_used", "ram_mb_used", "disk_
 # that smaller batches do not reduce, they would only multiply it.
 MIN_BATCH = 32
 PURGE_INTERVAL = 600.0  # seconds between two tombstone purges
+TRIM_EVERY = 8  # while busy, trim the changes log once per this many batches applied...
+TRIM_CHUNK = 2  # ...covering this many batches' worth of changes (see housekeeping)
 
 
 @dataclass
@@ -280,20 +282,27 @@ class CellSync:
         self._since_trim += summary.applied + summary.tombstoned
         return summary
 
-    def housekeeping(self) -> None:
+    def housekeeping(self, idle: bool = False) -> None:
         """The store's upkeep that comes with applying, each in its own short write txn:
 
-        - after every ``batch`` changes applied, trim the changes log (``by_changed`` is
-          append-only; ``Store.trim_changes`` walks ``4 * batch`` entries), so it stays
-          near one entry per server;
+        - trim the changes log (``by_changed`` is append-only): walking four entries per
+          change applied since the last trim keeps it near one entry per server.  A trim is
+          a durable commit of its own, so it runs when a round found nothing to apply
+          (``idle``), or while busy once per :data:`TRIM_EVERY` batches (one entry walked
+          per change: the log stays under about twice the servers); each call walks at
+          most ``4 * TRIM_CHUNK`` batches' worth of entries (the writer lock is shared
+          with the API's commands);
         - every :data:`PURGE_INTERVAL` seconds, purge the tombstones older than
           ``tombstone_retention`` (when set), which raises the store's tombstone horizon.
 
         ``sync_once`` calls it; it is cheap when there is nothing due.
         """
-        if self._since_trim >= self.batch:
-            self._since_trim = 0
-            self.store.trim_changes(4 * self.batch)
+        if self._since_trim and (idle or self._since_trim >= TRIM_EVERY * self.batch):
+            n = min(self._since_trim, TRIM_CHUNK * self.batch)
+            self.store.trim_changes(4 * n)
+            # Busy: one entry walked per change (the log stays under about twice the
+            # servers); idle rounds walk four per change until caught up.
+            self._since_trim = self._since_trim - n if idle else 0
         if self.tombstone_retention is not None:
             now = self.clock()
             if now >= self._next_purge:
@@ -393,7 +402,7 @@ class CellSync:
         st.cursor = res.cursor or 0
         st.pending_at = feed.entries[limit].at if len(feed.entries) > limit else None
         self._maybe_ack(cell, db, st)
-        self.housekeeping()
+        self.housekeeping(idle=not (entries or res.hosts))
         return res
 
     def run_until_idle(self, max_rounds: int = 1_000_000) -> dict[str, int]:
