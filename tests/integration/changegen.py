@@ -17,9 +17,10 @@ per second, spread over the cells:
     servers that are about to be or were just deleted, so their commits interleave with the
     main thread's at the database.
 ``inbox``: commands for real ``fastpath cell`` processes, as the forwarder delivers them
-    (``accept_command``): creates, then per server stop / start / reboot and, for some,
-    delete, sometimes with a reboot queued right behind the delete (the cell must refuse it:
-    the server is gone).  Some commands are delivered twice (the inbox must refuse the
+    (``accept_command``): creates, then per server a valid sequence of the other commands
+    (power actions, update, metadata, tags, lock/unlock, resize + confirm/revert, rebuild,
+    createImage) and, for some, delete, sometimes with an update queued right behind the
+    delete (the cell must refuse it: the server is gone).  Some commands are delivered twice (the inbox must refuse the
     duplicate).  Each command's expected final inbox state is recorded.
 
 At exit it writes a JSON report to ``--out`` (atomically): the operations done, the uuids
@@ -65,7 +66,13 @@ STATES: tuple[tuple[str, str | None, int], ...] = (
 PLANS: tuple[tuple[str, ...], ...] = (
     ("stop", "start", "reboot"), ("reboot", "stop"), ("pause", "unpause"),
     ("stop", "start", "delete"), ("reboot", "delete"), ("delete",), ("suspend", "resume", "delete"),
+    ("update", "metadata", "tags", "stop", "metadata", "start"), ("lock", "unlock", "reboot"),
+    ("resize", "confirmResize", "delete"), ("resize", "revertResize", "metadata"),
+    ("rebuild", "tags", "delete"), ("createImage", "pause", "unpause"),
+    ("metadata", "tags", "delete"),
 )
+# Updates that may be queued right behind a delete (the cell must refuse them).
+LATE = ("reboot", "metadata", "tags", "update", "lock")
 
 
 class Report:
@@ -209,6 +216,7 @@ class InboxGenerator:
         self.report = report
         self.prefix = prefix
         self.n = 0
+        self.flavors: dict[str, str] = {}  # uuid -> flavor id at creation
 
     def _accept(self, s: CellStream, u: str, payload: dict[str, Any], expect: str) -> None:
         self.n += 1
@@ -218,6 +226,35 @@ class InboxGenerator:
         s.accepted.append((cid, u, payload))
         self.report.data["commands"][s.name].append([cid, u, payload["action"], expect])
         self.report.count("command_" + payload["action"])
+
+    def payload(self, u: str, action: str) -> dict[str, Any]:
+        """A command's payload (docs/commands.md, "Inbox payloads")."""
+        rng = self.rng
+        p: dict[str, Any] = {"action": action}
+        if action == "reboot":
+            p["type"] = rng.choice(("SOFT", "HARD"))
+        elif action == "update":
+            p["name"] = f"renamed-{rng.getrandbits(16):04x}"
+        elif action == "metadata":
+            p.update(rng.choice((
+                {"op": "set", "key": "k", "value": f"v{rng.getrandbits(8)}"},
+                {"op": "merge", "metadata": {"a": "1", "b": f"{rng.getrandbits(8)}"}},
+                {"op": "replace", "metadata": {"only": "this"}})))
+        elif action == "tags":
+            p.update(rng.choice(({"op": "add", "tag": rng.choice(TAGS)},
+                                 {"op": "replace", "tags": rng.sample(TAGS, 2)},
+                                 {"op": "clear"})))
+        elif action == "lock":
+            p.update(reason="fault test", locked_by="owner")
+        elif action == "resize":
+            now = self.flavors.get(u, FLAVORS[0]["id"])
+            p["flavor"] = dict(next(f for f in FLAVORS if f["id"] != now))
+        elif action == "rebuild":
+            p["image_ref"] = str(uuid_mod.UUID(int=rng.getrandbits(128), version=4))
+        elif action == "createImage":
+            p.update(image_id=str(uuid_mod.UUID(int=rng.getrandbits(128), version=4)),
+                     name="snapshot")
+        return p
 
     def step(self) -> None:
         rng, s = self.rng, self.rng.choice(self.streams)
@@ -230,21 +267,19 @@ class InboxGenerator:
             return
         if not s.plans or r < 0.40:
             u = new_uuid(rng)
-            self._accept(s, u, {"action": "create", "server": server_values(u, rng, self.n)},
-                         "done")
+            server = server_values(u, rng, self.n)
+            self.flavors[u] = server["flavor"]["id"]
+            self._accept(s, u, {"action": "create", "server": server}, "done")
             s.plans[u] = list(rng.choice(PLANS))
             self.report.data["created"][s.name].append(u)
             return
         u = rng.choice(list(s.plans))
         action = s.plans[u].pop(0)
-        payload: dict[str, Any] = {"action": action}
-        if action == "reboot":
-            payload["type"] = rng.choice(("SOFT", "HARD"))
-        self._accept(s, u, payload, "done")
+        self._accept(s, u, self.payload(u, action), "done")
         if action == "delete":
             self.report.data["deleted"][s.name].append(u)
             if rng.random() < 0.5:  # an update racing the delete: queued right behind it
-                self._accept(s, u, {"action": "reboot", "type": "SOFT"}, "failed")
+                self._accept(s, u, self.payload(u, rng.choice(LATE)), "failed")
             del s.plans[u]
         elif not s.plans[u]:
             del s.plans[u]
