@@ -33,6 +33,7 @@ cell (up to ``--jobs``) builds and writes that cell's servers; the rendering is 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import multiprocessing
@@ -189,18 +190,23 @@ def cell_values(rec: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+@functools.lru_cache(maxsize=64)
+def _pool_of(cell: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    from fastpath.cell.main import ip_pool_for
+
+    return ipaddress.ip_network(ip_pool_for(cell))
+
+
 def make_cell_server(seed: int, i: int, projects: int, cell: str, k: int,
                      hosts: int) -> dict[str, Any]:
     """Server ``i`` as the ``k``-th seeded server of ``cell``: :func:`make_server`, on the
     cell's own hosts (``CELL-compute-NN``, as ``fastpath cell`` names them) with one fixed
     IPv4 from the cell's pool, counted down from its top so that the addresses the running
     cell hands out from the bottom do not collide (until a cell holds ~32,000 seeded)."""
-    from fastpath.cell.main import ip_pool_for
-
     rec = make_server(seed, i, projects)
     host = f"{cell}-compute-{k % hosts:02d}"
     rec["host"] = rec["node"] = host
-    pool = ipaddress.ip_network(ip_pool_for(cell))
+    pool = _pool_of(cell)
     addr = pool.broadcast_address - 1 - (k % (pool.num_addresses // 2))
     mac = "fa:16:3e:" + ":".join(f"{b:02x}" for b in hashlib.sha256(rec["uuid"].encode()).digest()[:3])
     rec["addresses"] = {"private": [{"addr": str(addr), "version": 4, "mac": mac,
