@@ -636,15 +636,18 @@ class Master:
         wanted = {(sc.role, sc.name): sc for sc in self._plan_sidecars(new)}
         kept: list[Sidecar] = []
         for sc in self.sidecars:
-            if sc.removed:
-                kept.append(sc)
-                continue
             fresh = wanted.pop((sc.role, sc.name), None)
             proc = self.procs.get(sc.pid) if sc.pid is not None else None
             if fresh is None:
-                sc.removed = True
-                if proc is not None:
-                    self._retire(proc, "no longer in the settings")
+                if not sc.removed:
+                    sc.removed = True
+                    if proc is not None:
+                        self._retire(proc, "no longer in the settings")
+            elif sc.removed:
+                # Asked for again while the previous reload's stop is under way: it starts
+                # again (with the new settings) once that process has exited.
+                sc.removed = False
+                sc.settings, sc.index = new, fresh.index
             elif _sidecar_settings_changed(sc.role, sc.settings, new):
                 sc.settings, sc.index = new, fresh.index
                 if proc is not None:
