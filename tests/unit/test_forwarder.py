@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sqlite3
+import tempfile
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,9 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from fastpath.cell.db import SqliteCellDB
 from fastpath.cell.registry import cell_path, open_cell
@@ -386,3 +391,101 @@ def test_a_dead_cells_queue_is_not_decoded_again_at_every_round(
         g.close()
     assert [c for c, _, _ in inbox(cells["cell1"])] == [f"a{i}" for i in range(8)]
     assert outbox_ids(store) == []
+
+
+# -- a stateful property test: order per server under random cell failures ----------------------
+class ForwarderMachine(RuleBasedStateMachine):
+    """Commands for a few servers spread over three cells; cells lock and unlock at random;
+    the clock jumps; rounds run.  At every step each server's delivered commands are a
+    prefix of its accepted ones (never a gap), each cell's inbox holds them in acceptance
+    order, and nothing is both delivered and still in the outbox.  At the end everything
+    is delivered once."""
+
+    CELLS = ("c1", "c2", "c3")
+    SERVERS = [str(uuidlib.UUID(int=i + 1, version=4)) for i in range(4)]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp())
+        self.store = Store.open(self.tmp, map_size=1 << 24, sync=False, metasync=False)
+        self.dbs = {n: open_cell(str(self.tmp), n, create=True) for n in self.CELLS}
+        self.lockers: dict[str, sqlite3.Connection] = {}
+        self.fwd, self.clock, _ = make(self.store, self.tmp, busy_timeout_ms=0,
+                                       retry_initial=0.5, retry_max=4.0, batch=3)
+        self.accepted: dict[str, list[str]] = {u: [] for u in self.SERVERS}
+        self.serial = 0
+
+    @rule(items=st.lists(st.tuples(st.sampled_from(SERVERS), st.sampled_from(CELLS),
+                                   st.booleans()), min_size=1, max_size=5))
+    def accept(self, items: list[tuple[str, str, bool]]) -> None:
+        entries = []
+        for server, cell, same_cell in items:
+            self.serial += 1
+            cid = f"k{self.serial:04d}"
+            # Mostly a server's own cell, sometimes another (the order rule spans cells).
+            target = self.CELLS[self.SERVERS.index(server) % 3] if same_cell else cell
+            entries.append(entry(cid, target, server))
+            self.accepted[server].append(cid)
+        put_outbox(self.store, entries)
+
+    @rule(cell=st.sampled_from(CELLS))
+    def toggle_lock(self, cell: str) -> None:
+        conn = self.lockers.pop(cell, None)
+        if conn is not None:
+            conn.execute("ROLLBACK")
+            conn.close()
+            return
+        conn = sqlite3.connect(cell_path(str(self.tmp), cell), isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        self.lockers[cell] = conn
+
+    @rule(dt=st.floats(0, 5))
+    def tick(self, dt: float) -> None:
+        self.clock.t += dt
+
+    @rule()
+    def round(self) -> None:
+        self.fwd.round()
+
+    def inboxes(self) -> dict[str, list[tuple[str, str]]]:
+        """(command id, server) of every cell's inbox, in inbox order (WAL lets this read
+        beside a locker's write transaction)."""
+        out = {}
+        for name, db in self.dbs.items():
+            out[name] = [(cid, u or "") for cid, u, _ in db.pending_commands(limit=10_000)]
+        return out
+
+    @invariant()
+    def order_per_server(self) -> None:
+        inboxes = self.inboxes()  # WAL: a locked cell can still be read
+        queued = set(outbox_ids(self.store))
+        for u, cids in self.accepted.items():
+            mine: list[str] = []
+            for rows in inboxes.values():
+                ids = [cid for cid, su in rows if su == u]
+                assert ids == sorted(ids), (u, ids)  # acceptance order in each inbox
+                mine += ids
+            assert cids[: len(mine)] == sorted(mine), (u, cids, sorted(mine))  # no gap
+            assert not set(mine) & queued  # delivered entries left the outbox
+
+    def teardown(self) -> None:
+        try:
+            for cell in list(self.lockers):
+                self.toggle_lock(cell)
+            self.clock.t += 1000
+            self.fwd.run_until_idle()
+            assert outbox_ids(self.store) == []
+            self.order_per_server()
+            delivered = sorted(cid for rows in self.inboxes().values() for cid, _ in rows)
+            assert delivered == sorted(c for cids in self.accepted.values() for c in cids)
+        finally:
+            self.fwd.close()
+            for db in self.dbs.values():
+                db.close()
+            self.store.close()
+            shutil.rmtree(self.tmp)
+
+
+TestForwarderMachine = ForwarderMachine.TestCase
+TestForwarderMachine.settings = settings(max_examples=30, stateful_step_count=30,
+                                         deadline=None, database=None)
