@@ -116,8 +116,8 @@ class Rig:
                        "--out", str(out), "--seed", str(seed), *args)
         return p, out
 
-    def cellsync(self, *args: str, wait: bool = True) -> Proc:
-        p = self.start("cellsync", "cellsync", "--data-dir", str(self.data),
+    def cellsync(self, *args: str, wait: bool = True, data: Path | None = None) -> Proc:
+        p = self.start("cellsync", "cellsync", "--data-dir", str(data or self.data),
                        "--interval", "0.01", *args)
         if wait:  # until it has opened the store and the cells, and entered its loop
             self.wait_until(lambda: "syncing" in p.stderr() or not p.running(), START_TIMEOUT,
@@ -144,14 +144,14 @@ class Rig:
                 p.kill9()
 
     # -- the store and the cells --------------------------------------------------------------
-    def store(self) -> Store:
-        return open_store(load_settings(None, {"data_dir": str(self.data)}))
+    def store(self, data: Path | None = None) -> Store:
+        return open_store(load_settings(None, {"data_dir": str(data or self.data)}))
 
     def cell(self, name: str) -> SqliteCellDB:
         return SqliteCellDB(cell_path(str(self.data), name))
 
-    def cursors(self) -> dict[str, int]:
-        store = self.store()
+    def cursors(self, data: Path | None = None) -> dict[str, int]:
+        store = self.store(data)
         try:
             with store.read() as r:
                 return {c: r.cursor(c) or 0 for c in CELLS}
@@ -178,14 +178,14 @@ class Rig:
             store.close()
 
     # -- the checks after a run ------------------------------------------------------------------
-    def catch_up(self) -> None:
-        cp = self.run("cellsync", "--data-dir", str(self.data), "--once")
+    def catch_up(self, data: Path | None = None) -> None:
+        cp = self.run("cellsync", "--data-dir", str(data or self.data), "--once")
         assert cp.returncode == 0, cp.stdout + cp.stderr
-        assert self.cursors() == self.max_seqs()
+        assert self.cursors(data) == self.max_seqs()
 
-    def verify_clean(self, servers: int | None = None) -> int:
+    def verify_clean(self, servers: int | None = None, data: Path | None = None) -> int:
         """``fastpath verify`` exits 0 and says 0 divergent; returns the servers checked."""
-        cp = self.run("fastpath", "verify", "--data-dir", str(self.data))
+        cp = self.run("fastpath", "verify", "--data-dir", str(data or self.data))
         lines = cp.stdout.splitlines()
         assert cp.returncode == 0 and lines, cp.stdout[-3000:] + cp.stderr
         m = VERIFY_LINE.match(lines[-1])
@@ -903,3 +903,51 @@ def test_a_resync_beside_a_running_cellsync_keeps_new_servers(rig: Rig) -> None:
         store.close()
     assert rec is not None, "a live server of the cell was tombstoned as an orphan"
     rig.verify_clean(total(rep) + 1)
+
+
+# -- two API stores on the same cells --------------------------------------------------------------
+def test_two_api_stores_share_the_cells_and_their_feed_pruning(rig: Rig) -> None:
+    """Two API hosts (two stores) consume the same two cells while the cells prune every
+    entry all *live* consumers acknowledged.  Store A's cellsync keeps running; store B's is
+    killed and stays away longer than the consumer timeout, so the cells stop waiting for it
+    and prune past its cursor.  A never needs a resync (the cells keep what it has not
+    acknowledged); B resyncs on return; both verify clean."""
+    from fastpath.cell.db import Retention
+
+    other = rig.tmp / "data-b"
+    other.mkdir()
+    (other / "cells").symlink_to(rig.data / "cells", target_is_directory=True)
+    # The timeout must exceed a live consumer's ack interval (cellsync.ack_interval, 1 s).
+    retention = Retention(feed_min_age=0, feed_keep=0, consumer_timeout=2.5)
+    gen, out = rig.changegen("--duration", "40", "--rate", "500")
+    a = rig.cellsync()
+    b_runs = [rig.cellsync(data=other)]
+    pruned = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 7:
+        time.sleep(0.05)
+        age = time.monotonic() - t0
+        if 1.0 < age and b_runs[-1].running() and len(b_runs) == 1:
+            b_runs[-1].kill9()  # B goes away for longer than the consumer timeout
+        elif age > 5.0 and not b_runs[-1].running():
+            b_runs.append(rig.cellsync(data=other))
+        for c in CELLS:  # what each cell's maintenance does
+            db = rig.cell(c)
+            try:
+                pruned += db.prune_acked(int(time.time() * 1e6), retention)
+            finally:
+                db.close()
+    assert len(b_runs) == 2
+    assert gen.terminate() == 0
+    rep = rig.report(gen, out)
+    for data in (rig.data, other):
+        rig.wait_until(lambda d=data: rig.cursors(d) == rig.max_seqs(), CATCH_UP_TIMEOUT,
+                       lambda d=data: f"{d.name} to catch up: {rig.cursors(d)} vs {rig.max_seqs()}")
+    assert a.terminate() == 0 and b_runs[-1].terminate() == 0
+    log_a, log_b = a.stderr(), b_runs[-1].stderr()
+    assert pruned > 0
+    assert "resync (gap)" not in log_a and "feed pruned" not in log_a, log_a[-3000:]
+    assert all(f"cell {c}: resync (gap)" in log_b for c in CELLS), log_b[-3000:]
+    for data in (rig.data, other):
+        rig.verify_clean(total(rep), data=data)
+    print(f"{pruned} feed entries pruned while two stores consumed")
