@@ -582,3 +582,31 @@ def test_create_forced_host_through_the_zone(srv: Server) -> None:
     assert create(srv, token=ADMIN_TOKEN, availability_zone=":c1-h1").status == 202
     assert [(e["cell"], e["payload"]["host"]) for e in outbox(srv)] == [
         ("cell2", "c2-h1"), ("cell1", "c1-h1")]
+
+
+def test_instance_actions_list_at_once(srv: Server) -> None:
+    """Nova records the instance action in the API: it lists right after the command."""
+    r = create(srv)
+    uid = r.json()["server"]["id"]
+    acts = get(srv, f"/v2.1/servers/{uid}/os-instance-actions").json()["instanceActions"]
+    assert [(a["action"], a["request_id"]) for a in acts] == [("create", outbox(srv)[0]["id"])]
+    put_server(srv)
+    action(srv, {"reboot": {"type": "SOFT"}})
+    rid = outbox(srv)[-1]["id"]
+    acts = get(srv, f"/v2.1/servers/{U}/os-instance-actions").json()["instanceActions"]
+    assert (acts[0]["action"], acts[0]["request_id"], acts[0]["user_id"]) == ("reboot", rid, "fake")
+    one = get(srv, f"/v2.1/servers/{U}/os-instance-actions/{rid}").json()["instanceAction"]
+    assert one["action"] == "reboot"
+    # The cell's own entry (with its events) replaces the prediction; no duplicate.
+    cell_action = {"request_id": rid, "action": "reboot", "project_id": PROJECT, "user_id": "fake",
+                   "start_time": 1, "updated_at": 2, "message": None,
+                   "events": [{"event": "compute_reboot_instance", "start_time": 1,
+                               "finish_time": None, "result": None, "traceback": None,
+                               "host": None, "details": None}]}
+    put_server(srv, version=2, actions=[cell_action])
+    acts = get(srv, f"/v2.1/servers/{U}/os-instance-actions").json()["instanceActions"]
+    assert [a["request_id"] for a in acts] == [rid]
+    # An update records none (as Nova).
+    cmd(srv, "PUT", f"/v2.1/servers/{U}", {"server": {"name": "n"}})
+    acts = get(srv, f"/v2.1/servers/{U}/os-instance-actions").json()["instanceActions"]
+    assert [a["request_id"] for a in acts] == [rid]

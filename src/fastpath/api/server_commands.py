@@ -354,6 +354,13 @@ REBUILD_FIELDS = UPDATE_FIELDS + (("metadata", "metadata"), ("key_name", "key_na
                                   ("trusted_image_certificates", "trusted_image_certificates"))
 
 
+def instance_action(request_id: str, action: str, req: Any, at: int) -> dict[str, Any]:
+    """The instance action a command starts (record.ACTION_KEYS), as the API predicts it."""
+    return {"request_id": request_id, "action": action, "project_id": str(req.project),
+            "user_id": str(req.user), "start_time": at, "updated_at": at, "message": None,
+            "events": []}
+
+
 def not_found(server_id: str) -> NotFound:
     return NotFound(f"Instance {server_id} could not be found.")
 
@@ -731,8 +738,9 @@ class ServerCommands:
                 "reservation_id": rid, "launch_index": i, "user_data": s.get("user_data"),
                 "trusted_image_certificates": s.get("trusted_image_certificates"),
             }
-            rec = provisional_record(values)
             cid = _core.make_request_id()
+            values["actions"] = [instance_action(cid, "create", req, now)]
+            rec = provisional_record(values)
             server = {
                 "uuid": uid, "project_id": project, "user_id": user, "name": disp,
                 "hostname": host_name, "description": values["description"],
@@ -781,6 +789,11 @@ class ServerCommands:
         cid = _core.make_request_id()
         at = R.now_us()
         full = {**payload, "project_id": req.project, "user_id": req.user, "request_id": cid}
+        if payload["action"] != "update":  # Nova records no instance action for an update
+            # Nova records the instance action in the API: it lists at once (the cell's own
+            # entry, with its events, replaces it; record.effective merges the lists).
+            fields = {**(fields or {}), "actions": [
+                instance_action(cid, str(payload["action"]), req, at)]}
 
         def work(c: CommandTxn) -> Any:
             cur = c.reader.get_server(server_id)

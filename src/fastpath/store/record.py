@@ -396,8 +396,10 @@ def effective(rec: Mapping[str, Any]) -> Mapping[str, Any]:
     """The record as the API shows it: the cell's fields overlaid by every ``pending``
     entry's ``fields``, oldest ``at`` first (ties by command id), ``status`` derived again
     when a pending entry moved ``vm_state``/``task_state`` (docs/commands.md,
-    read-your-writes).  Fields outside :data:`PENDABLE` are ignored.  Without pending
-    entries: ``rec`` itself (no copy)."""
+    read-your-writes).  Fields outside :data:`PENDABLE` are ignored.  ``actions`` is merged,
+    not replaced: a pending entry's actions (the instance action its command starts, as Nova
+    records it in the API) come first, newest first, unless the cell's list already has
+    that ``request_id``.  Without pending entries: ``rec`` itself (no copy)."""
     pending = rec.get("pending")
     if not pending:
         return rec
@@ -406,7 +408,11 @@ def effective(rec: Mapping[str, Any]) -> Mapping[str, Any]:
     for _, entry in sorted(pending.items(), key=lambda kv: (kv[1].get("at", 0), kv[0])):
         fields = entry.get("fields") or {}
         for name, value in fields.items():
-            if name in PENDABLE:
+            if name == "actions":
+                have = {a.get("request_id") for a in out["actions"]}
+                out["actions"] = [a for a in value if a.get("request_id") not in have] + \
+                    list(out["actions"])
+            elif name in PENDABLE:
                 out[name] = value
                 touched = touched or name in ("vm_state", "task_state")
     if touched:
