@@ -1,18 +1,27 @@
 """Issue 6's fault tests: real processes, kill -9, bounded.
 
 Both cells get a steady stream of changes from a generator process
-(:mod:`tests.integration.changegen`) while faults are injected: ``cellsync`` killed with
-SIGKILL mid-stream (repeatedly), duplicate delivery (two consumers at once, cursors rewound),
-a cell process killed and restarted while commands flow through its inbox, a change feed
-pruned past the consumer's cursor, deletes racing updates.  After each run ``cellsync``
-catches up and ``fastpath verify`` must report 0 divergent, the store's invariants hold and
-no deleted server is live again (research notes §1, P2-P4, P7-P10).
+(:mod:`tests.integration.changegen`) while faults are injected:
+
+- ``cellsync`` killed with SIGKILL mid-stream, a dozen times;
+- duplicate delivery: two consumers at once, cursors rewound under them, ``fastpath
+  resync`` beside them, then a quiet replay that must leave the store byte-identical;
+- a change feed pruned past the consumer's cursor while it is down (resync, no loss);
+- deletes racing updates (same server, other connections, a writer killed mid-transaction);
+- a cell process killed and restarted while commands flow through its inbox;
+- a cell restored from a backup mid-stream (new epoch);
+- tombstones purged while cellsync is down; a resync beside a running cellsync;
+- the standalone cloud under ``fastpath serve``: sidecars killed and frozen;
+- two API stores consuming the same cells while the cells prune acknowledged entries.
+
+After each run ``cellsync`` catches up and ``fastpath verify`` must report 0 divergent, the
+store's invariants hold, every live record equals its cell's rows and no deleted server is
+live again (research notes §1, P2-P4, P7-P10).
 
 Every run is seeded: the seed is printed (shown on failure); ``FASTPATH_FAULT_SEED=N``
 replays it.  Random waits before a kill are the fault injection, never a synchronisation:
 everything awaited is polled with a deadline.
 """
-
 from __future__ import annotations
 
 import json
