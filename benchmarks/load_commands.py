@@ -98,8 +98,10 @@ end
 }
 
 
-def seed_catalog(data_dir: str) -> tuple[str, str]:
-    """Flavors, images and unlimited quotas, straight into the store before serve starts."""
+def seed_catalog(data_dir: str, api_only: bool = False) -> tuple[str, str]:
+    """Flavors, images and unlimited quotas, straight into the store before serve starts
+    (``api_only``: and a cell's capacity, as cellsync would bring it up, so creates schedule
+    with no cell running)."""
     from fastpath.api import views
     from fastpath.seed import FLAVORS, IMAGES, catalog
     from fastpath.store import Batch, Store
@@ -111,6 +113,12 @@ def seed_catalog(data_dir: str) -> tuple[str, str]:
         puts.append(CatalogPut(Catalog.QUOTA_LIMITS, PROJECT, {
             "instances": -1, "cores": -1, "ram": -1,
         }))
+        if api_only:
+            hosts = {f"host{i}": {"vcpus": 1 << 20, "ram_mb": 1 << 40, "disk_gb": 1 << 40,
+                                  "vcpus_used": 0, "ram_mb_used": 0, "disk_gb_used": 0,
+                                  "status": "enabled", "availability_zone": "nova"}
+                     for i in range(16)}
+            puts.append(CatalogPut(Catalog.CELLS, "cell1", {"hosts": hosts}))
         store.apply(Batch([], catalog=puts), render=views.render_server)
     finally:
         store.close()
@@ -143,6 +151,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="simulated hosts per local cell (room for the servers created)")
     p.add_argument("--drain-timeout", type=float, default=300,
                    help="seconds to wait for the outbox to drain after the runs")
+    p.add_argument("--api-only", action="store_true",
+                   help="no cells, cellsync or forwarder under serve: the API workers and their "
+                        "durable group commits alone (the outbox keeps every command)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     return p.parse_args(argv)
@@ -163,13 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="fp-loadcmd-")
     data = os.path.join(tmp, "data")
     os.makedirs(data)
-    flavor, image = seed_catalog(data)
+    flavor, image = seed_catalog(data, args.api_only)
     port = free_port()
     host_header = f"{HOST}:{port}"
     serve = Proc("fastpath", [
         sys.executable, "-m", "fastpath", "serve", "--bind", f"{HOST}:{port}",
         "--data-dir", data, "--workers", str(args.workers),
         "--set", f"cell.hosts={args.cell_hosts}", "--set", "log.level=warning",
+        *(["--set", "standalone.cells=", "--set", "standalone.cellsync=false",
+           "--set", "standalone.forwarder=false"] if args.api_only else []),
     ], os.path.join(tmp, "serve.log"))
     runs: list[Run] = []
     try:
@@ -189,11 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} round {rnd}: {run.rps:,.0f} req/s p50 {run.p50_us / 1000:.2f} ms "
                       f"p99 {run.p99_us / 1000:.2f} ms cpu {run.server_cpu_us_per_request:.0f} "
                       f"us/req errors {run.errors} {run.failed}", flush=True)
-        deadline = time.monotonic() + args.drain_timeout
-        outbox = live = -1
-        while time.monotonic() < deadline:
+        # --api-only: nothing delivers the outbox; it is counted once.
+        deadline = time.monotonic() + (0 if args.api_only else args.drain_timeout)
+        while True:
             live, outbox = store_counts(data)
-            if outbox == 0:
+            if outbox == 0 or time.monotonic() >= deadline:
                 break
             time.sleep(0.5)
         status, _, _ = http_get(port, "/healthz", host_header)
