@@ -12,10 +12,12 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 
 from fastpath.api import views
 from fastpath.seed import FLAVORS, IMAGES, catalog
@@ -128,56 +130,58 @@ def outbox_by_server(data: Path) -> dict[str, int]:
         store.close()
 
 
-def test_acknowledged_creates_survive_kill_9(tmp_path: Path) -> None:
+@pytest.fixture
+def api_only(tmp_path: Path) -> Iterator[tuple[Path, FastpathServer]]:
+    """A seeded data dir and a 2-worker serve without sidecars on it (not started)."""
     data = tmp_path / "data"
     data.mkdir()
     seed(data)
     server = FastpathServer(data_dir=data, port=free_port(), workers=2, sidecars=False)
-    server.start()
     try:
-        pids = server.child_pids() | {server.pid}
-        load = Load(server.port, CLIENTS)
-        # Under load, kill -9 every fastpath process at once.
-        load.wait_acked(KILL_AFTER, 60)
-        kill_9(server, pids)
-        acked = load.stop()
-        assert len(acked) == len(set(acked)) >= KILL_AFTER
-
-        # Every acknowledged create is in the store with exactly one outbox entry.
-        counts = outbox_by_server(data)
-        missing = [u for u in acked if counts.get(u) != 1]
-        assert not missing, f"{len(missing)} of {len(acked)} acknowledged creates lost: {missing[:5]}"
-        assert all(n == 1 for n in counts.values())  # never twice
-
-        # After a restart they answer GET (BUILD: no cell has run them).
-        server.start()
-        for u in acked[:: max(1, len(acked) // 40)]:
-            r = server.get(f"/v2.1/servers/{u}", {"X-Auth-Token": TOKEN})
-            assert r.status == 200, (u, r.status, r.body)
-            assert r.json()["server"]["status"] == "BUILD"
+        yield data, server
     finally:
         server.stop()
 
 
-def test_concurrent_creates_share_commits_across_workers(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    seed(data)
-    server = FastpathServer(data_dir=data, port=free_port(), workers=2, sidecars=False)
+def test_acknowledged_creates_survive_kill_9(api_only: tuple[Path, FastpathServer]) -> None:
+    data, server = api_only
     server.start()
-    try:
-        before = server.metrics()
-        load = Load(server.port, 16)
-        load.wait_acked(400, 60)
-        acked = len(load.stop())
-        after = server.metrics()
-        writes = after["fastpath_store_write_txn_total"] - before["fastpath_store_write_txn_total"]
-        reads = after["fastpath_store_read_txn_total"] - before["fastpath_store_read_txn_total"]
-        # One read per create (metrics answers read no transaction); grouped writes.
-        assert reads == acked, (reads, acked)
-        assert 0 < writes < acked, (writes, acked)
-    finally:
-        server.stop()
+    pids = server.child_pids() | {server.pid}
+    load = Load(server.port, CLIENTS)
+    # Under load, kill -9 every fastpath process at once.
+    load.wait_acked(KILL_AFTER, 60)
+    kill_9(server, pids)
+    acked = load.stop()
+    assert len(acked) == len(set(acked)) >= KILL_AFTER
+
+    # Every acknowledged create is in the store with exactly one outbox entry.
+    counts = outbox_by_server(data)
+    missing = [u for u in acked if counts.get(u) != 1]
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged creates lost: {missing[:5]}"
+    assert all(n == 1 for n in counts.values())  # never twice
+
+    # After a restart they answer GET (BUILD: no cell has run them).
+    server.start()
+    for u in acked[:: max(1, len(acked) // 40)]:
+        r = server.get(f"/v2.1/servers/{u}", {"X-Auth-Token": TOKEN})
+        assert r.status == 200, (u, r.status, r.body)
+        assert r.json()["server"]["status"] == "BUILD"
+
+
+def test_concurrent_creates_share_commits_across_workers(
+        api_only: tuple[Path, FastpathServer]) -> None:
+    _, server = api_only
+    server.start()
+    before = server.metrics()
+    load = Load(server.port, 16)
+    load.wait_acked(400, 60)
+    acked = len(load.stop())
+    after = server.metrics()
+    writes = after["fastpath_store_write_txn_total"] - before["fastpath_store_write_txn_total"]
+    reads = after["fastpath_store_read_txn_total"] - before["fastpath_store_read_txn_total"]
+    # One read per create (metrics answers read no transaction); grouped writes.
+    assert reads == acked, (reads, acked)
+    assert 0 < writes < acked, (writes, acked)
 
 
 
@@ -342,19 +346,14 @@ def test_every_server_command_end_to_end(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_quota_holds_under_concurrent_creates_on_every_worker(tmp_path: Path) -> None:
+def test_quota_holds_under_concurrent_creates_on_every_worker(
+        api_only: tuple[Path, FastpathServer]) -> None:
     """16 clients over 2 worker processes race for a quota of 25 instances: exactly 25 are
     admitted (each command re-checks the usage inside its write transaction), the rest get
     Nova's 403, and the store counts 25."""
-    data = tmp_path / "data"
-    data.mkdir()
-    seed(data)
-    store = Store.open(data, map_size=1 << 26)
-    try:
+    data, server = api_only
+    with Store.open(data, map_size=1 << 26) as store:
         store.apply(Batch(catalog=[CatalogPut(Catalog.QUOTA_LIMITS, PROJECT, {"instances": 25})]))
-    finally:
-        store.close()
-    server = FastpathServer(data_dir=data, port=free_port(), workers=2, sidecars=False)
     server.start()
     results: list[tuple[int, str]] = []
     lock = threading.Lock()
