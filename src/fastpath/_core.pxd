@@ -109,6 +109,7 @@ cdef class Request:
     cdef readonly bint is_admin
     cdef readonly bytes url_project  # /v2.1/{project_id}/... legacy form, else None
     cdef readonly Route route
+    cdef bytes rid                   # the request id, once a handler asked for it
 
 
 cdef class HttpProtocol:

@@ -74,6 +74,9 @@ class Request:
     def params(self) -> tuple[str, ...]:
         """Path captures, percent-decoded, as str."""
     @property
+    def request_id(self) -> str:
+        """This request's id; its response's X-OpenStack-Request-ID is the same."""
+    @property
     def body(self) -> bytes: ...
     @property
     def base_url(self) -> str:

@@ -584,6 +584,22 @@ def test_create_forced_host_through_the_zone(srv: Server) -> None:
         ("cell2", "c2-h1"), ("cell1", "c1-h1")]
 
 
+def test_command_id_is_the_answers_request_id(srv: Server) -> None:
+    """docs/commands.md: the command id is the id the client saw on the 202/204, so the
+    instance action a client looks up by its request id is this command's."""
+    r = create(srv)
+    (entry,) = outbox(srv)
+    assert r.header("X-OpenStack-Request-ID") == entry["id"]
+    assert r.header("X-Compute-Request-ID") == entry["id"]
+    put_server(srv)
+    r = action(srv, {"reboot": {"type": "SOFT"}})
+    assert r.header("X-OpenStack-Request-ID") == outbox(srv)[-1]["id"]
+    # Requests that take no id still get a fresh one each.
+    a = get(srv, f"/v2.1/servers/{U}").header("X-OpenStack-Request-ID")
+    b = get(srv, f"/v2.1/servers/{U}").header("X-OpenStack-Request-ID")
+    assert a != b and a.startswith("req-")
+
+
 def test_instance_actions_list_at_once(srv: Server) -> None:
     """Nova records the instance action in the API: it lists right after the command."""
     r = create(srv)

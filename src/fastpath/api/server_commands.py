@@ -738,7 +738,10 @@ class ServerCommands:
                 "reservation_id": rid, "launch_index": i, "user_data": s.get("user_data"),
                 "trusted_image_certificates": s.get("trusted_image_certificates"),
             }
-            cid = _core.make_request_id()
+            # The first server's command id is the request's own id (the 202's
+            # X-OpenStack-Request-ID); a multi-create's other servers need ids of their own
+            # (the cell inbox is keyed by command id).
+            cid = req.request_id if i == 0 else _core.make_request_id()
             values["actions"] = [instance_action(cid, "create", req, now)]
             rec = provisional_record(values)
             server = {
@@ -786,7 +789,7 @@ class ServerCommands:
             check_state(eff, action, rule, is_admin)
             if extra is not None:
                 extra(eff, r)
-        cid = _core.make_request_id()
+        cid = req.request_id
         at = R.now_us()
         full = {**payload, "project_id": req.project, "user_id": req.user, "request_id": cid}
         if payload["action"] != "update":  # Nova records no instance action for an update

@@ -79,6 +79,14 @@ cdef class Request:
     def base_url(self):
         return base_url_for(self).decode("utf-8", "replace")
 
+    @property
+    def request_id(self):
+        """This request's id ("req-" + uuid4), the one its response carries in
+        X-OpenStack-Request-ID: a command uses it as its command id (docs/commands.md)."""
+        if self.rid is None:
+            self.rid = new_request_id()
+        return self.rid.decode("ascii")
+
 
 
 @cython.final
@@ -519,7 +527,7 @@ cdef class HttpProtocol:
         if self.transport is None or self.state == S_CLOSED:
             return
         data = render_response(status, content_type, body, req.version, extra, close,
-                               req.http10 and not close, head, True)
+                               req.http10 and not close, head, True, req.rid)
         if head or PyBytes_GET_SIZE(body) <= COPY_LIMIT:
             self._write(data)
         else:

@@ -75,7 +75,7 @@ cdef inline Py_ssize_t _put_uint(char* buf, Py_ssize_t pos, Py_ssize_t value) no
 
 cdef bytes render_response(int status, bytes content_type, bytes body, int version,
                            bytes extra, bint close, bint keep_alive_10, bint head_only,
-                           bint with_request_id):
+                           bint with_request_id, bytes rid=None):
     """Head (+ body unless ``head_only`` or too large: the caller writes it then)."""
     cdef bytes status_line = <bytes>_status_lines[status]
     cdef bytes vh = <bytes>_version_headers[version] if version > 0 else None
@@ -99,12 +99,16 @@ cdef bytes render_response(int status, bytes content_type, bytes body, int versi
     buf[pos] = b'\r'
     buf[pos + 1] = b'\n'
     pos += 2
+    cdef const char* idp = _reqid
     if with_request_id:
-        next_request_id()
+        if rid is not None and PyBytes_GET_SIZE(rid) == 40:
+            idp = PyBytes_AS_STRING(rid)  # a handler took this request's id already
+        else:
+            next_request_id()
         memcpy(buf + pos, b"X-OpenStack-Request-ID: ", 24)
-        memcpy(buf + pos + 24, _reqid, 40)
+        memcpy(buf + pos + 24, idp, 40)
         memcpy(buf + pos + 64, b"\r\nX-Compute-Request-ID: ", 24)
-        memcpy(buf + pos + 88, _reqid, 40)
+        memcpy(buf + pos + 88, idp, 40)
         buf[pos + 128] = b'\r'
         buf[pos + 129] = b'\n'
         pos += 130
