@@ -2,9 +2,10 @@
 
 :class:`CellService` takes commands from the cell database's inbox (oldest first) and drives
 the compute driver.  The payloads are those of docs/commands.md ("Inbox payloads").  A
-command runs in *phases*; each phase is one cell transaction (state change, change feed entry,
+command runs in *phases*; each phase is one atomic unit (state change, change feed entry,
 instance action/event rows together), and the next phase falls due ``action_delay`` seconds
-later (``build_delay`` for a create):
+later (``build_delay`` for a create).  The units of a step share SQLite transactions, one
+savepoint each, and a transaction changes a server at most once (see :meth:`CellService.step`):
 
 ============  ==========================================  ===================================
 command       phases (task_state written by each)         last phase
