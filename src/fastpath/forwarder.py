@@ -340,6 +340,9 @@ class Forwarder:
                 res.failed.append(name)
                 link.queued += len(entries)
                 continue
+            if link.failures:
+                log.info("forwarder: cell %s reachable again after %d failed attempt(s)",
+                         name, link.failures)
             link.failures = 0
             link.backoff_until = 0.0
             link.last_error = ""
