@@ -12,9 +12,11 @@ Two ways to run it:
   stages apart on the same kind of batch, medians side by side: the cell read
   (``read_feed`` + ``load_instances``), the projection, the rendering, ``Store.apply``
   without rendering (LMDB), and ``Store.apply`` with it.  changes/s = BATCH / median.
-- ``python benchmarks/bench_sync.py [--servers N] [--batch B] [--rounds R]``: ``sync_once``
-  rounds, un-instrumented (the headline) and instrumented (the breakdown of the very same
-  rounds' time by stage), medians per round; a table and ``benchmarks/results/sync.json``.
+- ``python benchmarks/bench_sync.py [--servers N] [--batch B] [--rounds R] [--default-gc]``:
+  ``sync_once`` rounds, un-instrumented (the headline) and instrumented (the breakdown of the
+  very same rounds' time by stage), medians per round; a table and
+  ``benchmarks/results/sync.json``.  The GC is set as cellsync's daemon sets it
+  (``cellsync.sync.tune_gc``) unless ``--default-gc``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import pytest
 
 import cellsync.sync as sync_mod
 from cellsync.projection import project_change
-from cellsync.sync import CellSync
+from cellsync.sync import CellSync, tune_gc
 from fastpath.api import views
 from fastpath.cell import SqliteCellDB
 from fastpath.store import Batch, Store
@@ -213,11 +215,13 @@ class _TimedStore:
         return getattr(self._store, name)
 
 
-def run(servers: int, batch: int, rounds: int) -> dict[str, Any]:
+def run(servers: int, batch: int, rounds: int, daemon_gc: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-sync-") as d:
         t0 = time.perf_counter()
         b = SyncRig(Path(d), servers, batch)
         setup_s = time.perf_counter() - t0
+        if daemon_gc:
+            tune_gc()  # as cellsync's daemon does after its start-up
         try:
             plain: list[float] = []
             for _ in range(rounds):
@@ -259,6 +263,7 @@ def run(servers: int, batch: int, rounds: int) -> dict[str, Any]:
     med = statistics.median(plain)
     return {
         "servers": servers, "batch": batch, "rounds": rounds, "setup_s": round(setup_s, 2),
+        "gc": "daemon (cellsync.sync.tune_gc)" if daemon_gc else "Python's default",
         "sync_once_median_ms": round(med * 1e3, 2),
         "changes_per_s": round(batch / med),
         "instrumented_median_ms": round(statistics.median(total) * 1e3, 2),
@@ -276,11 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servers", type=int, default=N_SERVERS)
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--default-gc", action="store_true",
+                    help="keep Python's GC settings (default: the daemon's, tune_gc)")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "sync.json"))
     a = ap.parse_args(argv)
-    r = run(a.servers, a.batch, a.rounds)
+    r = run(a.servers, a.batch, a.rounds, daemon_gc=not a.default_gc)
     print(f"cellsync sync_once: {a.servers} servers in the cell, {a.batch} state changes per "
-          f"round (distinct servers), {a.rounds} rounds, durable LMDB commit")
+          f"round (distinct servers), {a.rounds} rounds, durable LMDB commit, GC {r['gc']}")
     print(f"  median {r['sync_once_median_ms']} ms per round -> {r['changes_per_s']:,} changes/s"
           f" (load average {r['machine']['loadavg_1m_at_end']:.2f})")
     print(f"  instrumented median {r['instrumented_median_ms']} ms; by stage (median per round):")

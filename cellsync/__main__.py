@@ -122,7 +122,7 @@ def _discover(sync: CellSync, data_dir: str) -> None:
 
 def run_daemon(settings: Settings, ctl: Control) -> int:
     """Tail every cell of the data dir into the store until ``ctl`` says stop."""
-    from cellsync.sync import CellSync
+    from cellsync.sync import CellSync, tune_gc
     from fastpath.api import views
     from fastpath.api.context import open_store
     from fastpath.master.status import cellsync_stats_path
@@ -140,6 +140,7 @@ def run_daemon(settings: Settings, ctl: Control) -> int:
         sync = CellSync.from_settings(store, {}, settings)  # the cellsync.* tuning settings
         stats = StatsFile(cellsync_stats_path(data_dir))
         discovered = -DISCOVER_INTERVAL
+        tune_gc()  # after start-up: its objects are frozen out of every later collection
         log.info("cellsync syncing the cells of %s (bell %s)", data_dir, bell.path)
         ctl.ready()
         while not ctl.should_stop():

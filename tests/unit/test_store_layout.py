@@ -7,6 +7,8 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastpath.store import layout as L
 from fastpath.store import record as R
@@ -255,3 +257,48 @@ def test_docs_describe_every_database_and_field() -> None:
         assert f"| `{field}` |" in doc, field
     for name in L.DATABASES:  # and the module docstring, the other home of the layout
         assert f"``{name.decode()}``" in (L.__doc__ or ""), name
+
+
+# -- validate's quick pass decides as the full pass does ---------------------------------------
+class _Dict(dict):  # type: ignore[type-arg]
+    pass
+
+
+class _Str(str):
+    pass
+
+
+_ODD_VALUES = [None, True, False, 0, 1, -1, 2**64, "", "x", "a\x00b", _Str("s"), 1.0, [], ["a"],
+               ["a", 1], {}, {"a": "b"}, {"a": 1}, _Dict(), _Dict(a="b"),
+               {"id": "1", "properties": {}}, {"n": [{"addr": "x"}]}]
+
+
+@settings(max_examples=300, deadline=None)
+@given(edits=st.lists(st.tuples(st.sampled_from(R.FIELD_NAMES + ("colour",)),
+                                st.sampled_from(range(len(_ODD_VALUES) + 1))),
+                      max_size=3))
+def test_validate_quick_pass_agrees_with_the_full_pass(edits: list[tuple[str, int]]) -> None:
+    """The quick pass only ever accepts (exact types); whatever it does not accept the full
+    pass decides, so validate accepts exactly the records the full pass accepts."""
+    rec = sample_record(U1, seed=len(edits))
+    for name, i in edits:
+        if i == len(_ODD_VALUES):
+            rec.pop(name, None)
+        else:
+            rec[name] = _ODD_VALUES[i]
+    try:
+        R._validate_all(rec)
+    except RecordError as e:
+        with pytest.raises(RecordError) as got:
+            R.validate(rec)
+        assert str(got.value) == str(e)
+    else:
+        R.validate(rec)
+
+
+def test_validate_accepts_subclasses_as_before() -> None:
+    rec = sample_record(U1)
+    rec["metadata"] = _Dict(rec["metadata"])
+    rec["name"] = _Str("vm")
+    rec["flavor"] = _Dict(rec["flavor"], id=_Str("1"))
+    R.validate(rec)
