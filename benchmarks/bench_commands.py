@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from fastpath._loader import load_core
 from fastpath.api import server_commands as SC
 from fastpath.api import views
 from fastpath.api.context import ApiContext
@@ -25,6 +26,8 @@ from fastpath.store import Batch, Store
 from fastpath.store.changes import Catalog, CatalogPut
 from fastpath.store.commands import CommandTxn, run_group
 
+_core = load_core()
+
 PROJECT = "b3c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5"
 BODY = {"server": {"name": "bench", "flavorRef": FLAVORS[0]["id"], "imageRef": IMAGES[0]["id"],
                    "networks": "none"}}
@@ -33,11 +36,18 @@ HOSTS = {f"h{i}": {"vcpus": 10**6, "ram_mb": 1 << 40, "disk_gb": 1 << 40, "vcpus
                    "availability_zone": "nova"} for i in range(256)}
 
 
-class Req:
+class _Req:
     project = PROJECT
     user = "bench"
     is_admin = False
     version = 37
+
+    @property
+    def request_id(self) -> str:  # a fresh command id per create, as each request has
+        return str(_core.make_request_id())
+
+
+Req = _Req()
 
 
 @pytest.fixture(scope="module")

@@ -139,6 +139,15 @@ def store_counts(data_dir: str) -> tuple[int, int]:
     return live, outbox
 
 
+def commit_stats(log_path: str) -> list[str]:
+    """The committers' debug lines ("group commit: N commits of M commands; ...")."""
+    try:
+        with open(log_path, errors="replace") as f:
+            return [line.strip() for line in f if "group commit:" in line]
+    except OSError:
+        return []
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=2)
@@ -154,6 +163,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--api-only", action="store_true",
                    help="no cells, cellsync or forwarder under serve: the API workers and their "
                         "durable group commits alone (the outbox keeps every command)")
+    p.add_argument("--commit-stats", action="store_true",
+                   help="serve at log level debug and print each worker's group-commit log "
+                        "(commits, commands per commit, writer lock waited/held per commit)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     return p.parse_args(argv)
@@ -180,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = Proc("fastpath", [
         sys.executable, "-m", "fastpath", "serve", "--bind", f"{HOST}:{port}",
         "--data-dir", data, "--workers", str(args.workers),
-        "--set", f"cell.hosts={args.cell_hosts}", "--set", "log.level=warning",
+        "--set", f"cell.hosts={args.cell_hosts}", "--set", f"log.level={'debug' if args.commit_stats else 'warning'}",
         *(["--set", "standalone.cells=", "--set", "standalone.cellsync=false",
            "--set", "standalone.forwarder=false"] if args.api_only else []),
     ], os.path.join(tmp, "serve.log"))
@@ -236,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"outbox after the runs: {outbox} entries (0 = the forwarder delivered everything); "
           f"{live} servers in the store; healthz {status}")
     results["outbox_after"] = outbox
+    if args.commit_stats:
+        results["commit_stats"] = commit_stats(os.path.join(tmp, "serve.log"))
+        print("group commits (per worker, every 10 s):")
+        for line in results["commit_stats"]:
+            print("  " + line)
     results["servers_after"] = live
     if args.json:
         with open(args.json, "w") as f:

@@ -282,7 +282,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "api.commit_queue_max", int, 8192,
-        "Most commands of one worker waiting for a commit; beyond, commands get 503 with "
+        "Most commands of one worker waiting for or in a commit; beyond, commands get 503 with "
         "Retry-After (memory stays bounded under overload).",
         minimum=1, maximum=1000000,
     ),

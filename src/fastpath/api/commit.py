@@ -3,15 +3,19 @@
 LMDB has one writer at a time and a durable commit costs an fsync, so a worker does not
 commit per command.  :class:`GroupCommitter` queues the commands of its worker; one commit
 is in flight at a time, in a dedicated thread (off the event loop: the loop keeps answering
-while the disk syncs), and every command that arrives meanwhile joins the next group.  A
-group is one write transaction (:func:`fastpath.store.commands.run_group`): each command's
+while the disk syncs), and every command that arrives meanwhile joins the next group.  The
+thread commits groups back to back: once a commit is durable it hands the outcomes to the
+event loop and at once starts the next group with whatever is queued, without waiting for
+the loop; commands that arrive while a group's works run join that group before its commit
+(PERF: measured 1,890 -> 2,670 creates/s, groups of ~16 -> ~28, ``load_commands.py
+--api-only`` c=64).  A group is one write transaction (:func:`fastpath.store.commands.run_group`): each command's
 ``work(ctxn)`` runs in its own nested transaction, so a work that raises (an
 :class:`~fastpath.errors.HTTPFault` refusal, or a bug) leaves no write and refuses only
 itself.  ``await submit(work)`` returns the work's value only once the group's commit is
 durable (LMDB synced commit); that is when a command may be acknowledged (202).
 
 Bounds (settings ``api.commit_group_max`` and ``api.commit_queue_max``): a group holds at
-most ``max_group`` commands; at most ``max_queue`` wait (beyond,
+most ``max_group`` commands; at most ``max_queue`` wait or are in flight (beyond,
 ``submit`` answers 503 with ``Retry-After`` at once: memory stays bounded under overload).
 A failure of the transaction itself (the map cannot grow: ``StoreFullError``; any LMDB
 error) resolves every future of the group with a 503 (store full) or 500, logged once with
@@ -30,7 +34,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from fastpath import wake
@@ -59,6 +62,10 @@ class Busy(HTTPFault):
         )
 
 
+# (work, its future, the event loop of that future)
+_Item = tuple[Callable[[CommandTxn], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+
+
 class GroupCommitter:
     """One per worker process (created with its :class:`~fastpath.api.context.ApiContext`)."""
 
@@ -71,18 +78,22 @@ class GroupCommitter:
         self.max_group = max_group
         self.max_queue = max_queue
         self.bell = bell  # path of the forwarder's bell (fastpath.wake), or None
-        self._queue: collections.deque[tuple[Callable[[CommandTxn], Any], asyncio.Future[Any]]]
-        self._queue = collections.deque()
-        self._draining = False
-        self._executor: ThreadPoolExecutor | None = None
-        self._task: asyncio.Task[None] | None = None
+        # Commands not yet taken by the committer thread (appended by event loops, taken by
+        # the thread: deque's append and popleft are atomic).
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._open = 0  # commands submitted and not yet resolved (the max_queue bound)
+        self._wake = threading.Event()
+        self._closing = False
+        self._ringing = False
+        self._thread: threading.Thread | None = None
         # statistics (tests, metrics): durable commits, commands committed, refused as busy
         self.commits = 0
         self.commands = 0
         self.busy = 0
         self.lock_wait = 0.0  # seconds waiting for LMDB's writer lock, summed
         self.held = 0.0  # seconds holding it through the durable commit, summed
-        self._logged = (time.monotonic(), 0, 0, 0.0, 0.0)
+        self.works = 0.0  # of held: seconds running the works, summed
+        self._logged = (time.monotonic(), 0, 0, 0.0, 0.0, 0.0)
 
     @property
     def queued(self) -> int:
@@ -96,67 +107,111 @@ class GroupCommitter:
         ``ctxn``.  What it raises is raised here (after the group committed the others).
         """
         loop = asyncio.get_running_loop()
-        if len(self._queue) >= self.max_queue:
+        if self._open >= self.max_queue:
             self.busy += 1
             raise Busy()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.append((work, fut))
-        if not self._draining:
-            self._draining = True
-            # asyncio keeps only weak references to tasks: hold this one.
-            self._task = loop.create_task(self._drain(loop))
-        return await fut
-
-    async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._open += 1
+        self._queue.append((work, fut, loop))
+        if not self._ringing:
+            # Wake the thread once this loop iteration has run its ready callbacks: the
+            # commands submitted in the same iteration start as one group.
+            self._ringing = True
+            loop.call_soon(self._ring)
         try:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastpath-commit")
-            while self._queue:
-                n = min(len(self._queue), self.max_group)
-                group = [self._queue.popleft() for _ in range(n)]
-                works = [w for w, _ in group]
-                try:
-                    result: GroupResult = await loop.run_in_executor(
-                        self._executor, self._commit, works, loop)
-                except Exception as exc:  # noqa: BLE001 - resolved into every future
-                    fault = _store_fault(exc, len(group))
-                    for _, fut in group:
-                        if not fut.done():
-                            fut.set_exception(fault)
-                    continue
-                self.commits += 1
-                self.commands += len(group)
-                self.lock_wait += result.lock_wait
-                self.held += result.held
-                if log.isEnabledFor(logging.DEBUG):
-                    self._log_stats()
-                for (_, fut), (ok, value) in zip(group, result.outcomes, strict=True):
-                    if fut.done():  # the caller went away; its command is committed anyway
-                        continue
-                    if ok:
-                        fut.set_result(value)
-                    else:
-                        fut.set_exception(value)
-                if result.outbox_written and self.bell is not None:
-                    wake.ring(self.bell)  # never blocks or raises; the forwarder also polls
+            return await fut
         finally:
-            self._draining = False
+            self._open -= 1
+
+    def _ring(self) -> None:
+        self._ringing = False
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="fastpath-commit",
+                                            daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    # -- the committer thread --------------------------------------------------------------
+    def _take(self, n: int) -> list[_Item]:
+        q = self._queue
+        out: list[_Item] = []
+        while q and len(out) < n:
+            out.append(q.popleft())
+        return out
+
+    def _run(self) -> None:
+        """Commit groups back to back: as soon as one commit is durable (its results handed
+        to the event loop), the next group -- every command that arrived meanwhile -- starts;
+        commands that arrive while a group's works run join it before its commit."""
+        while True:
+            group = self._take(self.max_group)
+            if not group:
+                if self._closing:
+                    return
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            self._commit(group)
+
+    def _commit(self, group: list[_Item]) -> None:
+        """In the committer thread: one group, its results handed to the loops."""
+        loop = group[0][2]
+
+        def more(room: int) -> list[Callable[[CommandTxn], Any]]:
+            late = self._take(room)
+            group.extend(late)
+            return [w for w, _, _ in late]
+
+        try:
+            result: GroupResult | BaseException = run_group(
+                self.store, [w for w, _, _ in group], self.render,
+                lambda kind: self._resize(kind, loop), more=more, max_group=self.max_group)
+        except Exception as exc:  # noqa: BLE001 - resolved into every future
+            result = _store_fault(exc, len(group))
+        if isinstance(result, GroupResult) and result.outbox_written and self.bell is not None:
+            wake.ring(self.bell)  # never blocks or raises; the forwarder also polls
+        for lp in dict.fromkeys(g[2] for g in group):
+            try:
+                lp.call_soon_threadsafe(self._resolve, lp, group, result)
+            except RuntimeError:  # that loop is closed: nobody waits for its answers
+                pass
+
+    def _resolve(self, loop: asyncio.AbstractEventLoop, group: list[_Item],
+                 result: GroupResult | BaseException) -> None:
+        """On ``loop``: the group's outcomes into the futures of this loop's commands."""
+        if isinstance(result, BaseException):
+            for _, fut, lp in group:
+                if lp is loop and not fut.done():
+                    fut.set_exception(result)
+            return
+        if loop is group[0][2]:
+            self.commits += 1
+            self.commands += len(group)
+            self.lock_wait += result.lock_wait
+            self.held += result.held
+            self.works += result.works
+            if log.isEnabledFor(logging.DEBUG):
+                self._log_stats()
+        for (_, fut, lp), (ok, value) in zip(group, result.outcomes, strict=True):
+            if lp is not loop or fut.done():  # the caller went away: committed anyway
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
 
     def _log_stats(self) -> None:
-        """At debug level, every 10 s: groups, their size, writer-lock wait and hold."""
-        t, commits, commands, wait, held = self._logged
+        """At debug level, every 2 s: groups, their size, writer-lock wait and hold."""
+        t, commits, commands, wait, held, works = self._logged
         now = time.monotonic()
-        if now - t < 10 or self.commits == commits:
+        if now - t < 2 or self.commits == commits:
             return
         n = self.commits - commits
-        log.debug("group commit: %d commits of %.1f commands; writer lock: %.2f ms waited, "
-                  "%.2f ms held (works + fsync) per commit", n, (self.commands - commands) / n,
-                  (self.lock_wait - wait) * 1e3 / n, (self.held - held) * 1e3 / n)
-        self._logged = (now, self.commits, self.commands, self.lock_wait, self.held)
-
-    def _commit(self, works: list[Callable[[CommandTxn], Any]],
-                loop: asyncio.AbstractEventLoop) -> GroupResult:
-        return run_group(self.store, works, self.render, lambda kind: self._resize(kind, loop))
+        log.debug("group commit: %d commits of %.1f commands in %.1f s; writer lock: %.2f ms "
+                  "waited, %.2f ms held (%.2f ms works, the rest commit + fsync) per commit",
+                  n, (self.commands - commands) / n, now - t, (self.lock_wait - wait) * 1e3 / n,
+                  (self.held - held) * 1e3 / n, (self.works - works) * 1e3 / n)
+        self._logged = (now, self.commits, self.commands, self.lock_wait, self.held, self.works)
 
     def _resize(self, kind: str, loop: asyncio.AbstractEventLoop) -> None:
         """In the committer thread: have the loop thread resize the map (no transaction of
@@ -182,10 +237,13 @@ class GroupCommitter:
             raise box[0]
 
     def close(self) -> None:
-        """Stop the committer thread after the commit in flight (worker shutdown)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        """Stop the committer thread once the queue is empty (worker shutdown, tests)."""
+        self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._closing = False
 
 
 def _store_fault(exc: BaseException, n: int) -> HTTPFault:

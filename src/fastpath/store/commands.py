@@ -210,6 +210,7 @@ class GroupResult:
     attempts: int
     lock_wait: float = 0.0  # seconds waiting for LMDB's writer lock (other writers)
     held: float = 0.0  # seconds from holding the lock to the durable commit (works + fsync)
+    works: float = 0.0  # of ``held``: seconds running the works (the rest: commit + fsync)
 
 
 RESIZE_GROW = "grow"  # MDB_MAP_FULL: grow the map (Store._grow)
@@ -217,9 +218,16 @@ RESIZE_ADOPT = "adopt"  # MDB_MAP_RESIZED: adopt the size another process set
 
 
 def run_group(store: Store, works: Sequence[Work], render: Renderer | None,
-              resize: Callable[[str], None]) -> GroupResult:
+              resize: Callable[[str], None], *,
+              more: Callable[[int], Sequence[Work]] | None = None,
+              max_group: int = 0) -> GroupResult:
     """Run ``works`` in one durable write transaction, each in its own nested transaction
     (see the module docstring).  Counted as one write transaction of ``store`` per attempt.
+
+    ``more(room)``: called once the works ran, before the commit, for up to ``room`` works
+    that arrived meanwhile (``max_group`` minus the group so far); they join the group
+    (their outcomes follow), and ``more`` is asked again until it has none or the group is
+    full.  PERF: commands that arrive while a group's works run share its fsync.
 
     Exceptions of a work are its outcome; ``lmdb.MapFullError`` is not (the whole group
     runs again after ``resize(RESIZE_GROW)``).  Any other failure of the transaction itself
@@ -227,6 +235,7 @@ def run_group(store: Store, works: Sequence[Work], render: Renderer | None,
     """
     store._check_process()
     env = store._env
+    todo = list(works)  # grows with ``more``; a run after the map grew runs them all again
     attempts = 0
     while True:
         attempts += 1
@@ -240,9 +249,19 @@ def run_group(store: Store, works: Sequence[Work], render: Renderer | None,
         store._counts[1] += 1
         outcomes: list[tuple[bool, Any]] = []
         written = 0
+        t2 = t1
         try:
             with txn:  # py-lmdb: commit on normal exit, abort on an exception
-                for work in works:
+                i = 0
+                while True:
+                    if i == len(todo):
+                        room = max_group - len(todo)
+                        late = more(room) if more is not None and room > 0 else ()
+                        if not late:
+                            break
+                        todo.extend(late)
+                    work = todo[i]
+                    i += 1
                     child = env.begin(write=True, parent=txn)
                     ctxn = CommandTxn(store.dbs, child, render)
                     try:
@@ -257,7 +276,9 @@ def run_group(store: Store, works: Sequence[Work], render: Renderer | None,
                     child.commit()
                     written += ctxn.outbox_written
                     outcomes.append((True, value))
-            return GroupResult(outcomes, written, attempts, t1 - t0, time.perf_counter() - t1)
+                t2 = time.perf_counter()
+            return GroupResult(outcomes, written, attempts, t1 - t0, time.perf_counter() - t1,
+                               t2 - t1)
         except lmdb.MapFullError:
             resize(RESIZE_GROW)
 
