@@ -435,17 +435,17 @@ def effective(rec: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 # -- building and checking records ------------------------------------------------------------
-# PERF: make_record and validate run once per record a cell sends up (cellsync projects
-# every change: issue 6 wants 50,000 changes/s through a single process), so each walks
-# these plans, made once from FIELDS, instead of the Field objects.
+# PERF: make_record runs once per record a cell sends up (cellsync projects every change:
+# issue 6 wants 50,000 changes/s through one process), so it builds and checks the record in
+# one walk over this plan, made once from FIELDS: (name, default, the exact types accepted,
+# check).  ``type(v) in types`` implies the isinstance test and the bool rule of the full
+# pass (_validate_all), which decides whatever the quick test does not accept (a subclass
+# passes there; a problem is named there).
 _MISSING = object()
 _FIELD_SET = frozenset(FIELD_NAMES)
-_BUILD: tuple[tuple[str, Callable[[], Any] | None], ...] = tuple(
-    (f.name, f.default) for f in FIELDS)
-# (name, the exact types accepted, check): ``type(v) in types`` implies the isinstance test
-# and the bool rule of the full pass, which decides everything this one does not accept.
-_FAST: tuple[tuple[str, frozenset[type], Callable[[Any], str | None] | None], ...] = tuple(
-    (f.name, frozenset(f.types), f.check) for f in FIELDS)
+_PLAN: tuple[tuple[str, Callable[[], Any] | None, frozenset[type],
+                   Callable[[Any], str | None] | None], ...] = tuple(
+    (f.name, f.default, frozenset(f.types), f.check) for f in FIELDS)
 
 
 def make_record(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -460,27 +460,34 @@ def make_record(values: Mapping[str, Any]) -> dict[str, Any]:
         raise RecordError(f"unknown record field(s): {', '.join(unknown)}")
     rec: dict[str, Any] = {}
     get = values.get
-    for name, default in _BUILD:
+    quick = True  # every value so far of exactly an accepted type, its check passed
+    for name, default, types, check in _PLAN:
         v = get(name, _MISSING)
-        if v is not _MISSING:
-            rec[name] = v
-        elif name == "schema":
-            rec["schema"] = SCHEMA_VERSION
-        elif name == "status" and "vm_state" in values:
-            rec["status"] = status_from_state(values["vm_state"], values.get("task_state"))
-        elif default is not None:
-            rec[name] = default()
-    validate(rec)
+        if v is _MISSING:
+            if name == "schema":
+                v = SCHEMA_VERSION
+            elif name == "status" and "vm_state" in values:
+                v = status_from_state(values["vm_state"], values.get("task_state"))
+            elif default is not None:
+                v = default()
+            else:
+                quick = False  # required: the full pass names it
+                continue
+        rec[name] = v
+        if quick and (type(v) not in types or (check is not None and check(v))):
+            quick = False
+    if not quick or rec["schema"] != SCHEMA_VERSION:
+        _validate_all(rec)
     return rec
 
 
 def validate(rec: Mapping[str, Any]) -> None:
     """Check that ``rec`` is a complete record of this schema; raise :class:`RecordError`."""
-    # The quick pass: every field present with a value of exactly an accepted type that its
-    # check passes, nothing else, this schema.  Anything else goes to the full pass.
-    if len(rec) == len(_FAST) and rec.get("schema") == SCHEMA_VERSION:
+    # The quick pass (as in make_record): every field present, of exactly an accepted type,
+    # its check passing, nothing else, this schema.  Anything else goes to the full pass.
+    if len(rec) == len(_PLAN) and rec.get("schema") == SCHEMA_VERSION:
         get = rec.get
-        for name, types, check in _FAST:
+        for name, _, types, check in _PLAN:
             v = get(name, _MISSING)
             if type(v) not in types or (check is not None and check(v)):
                 break
