@@ -1372,13 +1372,21 @@ class SqliteCellDB(CellDB):
         finally:
             self._depth -= 1
 
-    def pending_heads(self, limit: int = 100) -> list[tuple[str, str | None]]:
-        """(command_id, uuid) of the unfinished commands, oldest first, payloads not read
-        (the service skips the ones in flight without decoding them at every step)."""
+    def pending_heads(self, limit: int = 100, after_rowid: int | None = None
+                      ) -> list[tuple[int, str, str | None]]:
+        """(rowid, command_id, uuid) of unfinished commands, payloads not read: all of them
+        oldest first, or (``after_rowid``) only those inserted since that row, in insertion
+        order -- the service reads what is new at every step and everything now and then."""
         with self._snapshot() as c:
-            return [(cid, u) for cid, u in c.execute(
-                "SELECT command_id, instance_uuid FROM inbox WHERE state = 'new'"
-                " ORDER BY received_at, command_id LIMIT ?", (limit,))]
+            if after_rowid is None:
+                rows = c.execute(
+                    "SELECT rowid, command_id, instance_uuid FROM inbox WHERE state = 'new'"
+                    " ORDER BY received_at, command_id LIMIT ?", (limit,))
+            else:
+                rows = c.execute(
+                    "SELECT rowid, command_id, instance_uuid FROM inbox WHERE rowid > ?"
+                    " AND state = 'new' ORDER BY rowid LIMIT ?", (after_rowid, limit))
+            return [(int(r), cid, u) for r, cid, u in rows]
 
     def command_payloads(self, command_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The payloads of these commands, by command id (one query)."""

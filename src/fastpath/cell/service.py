@@ -55,6 +55,7 @@ phase (a create whose server exists resumes at its last phase).
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,6 +131,8 @@ CREATE_EVENT = "compute_build_and_run_instance"
 # Servers whose transitions share one SQLite transaction (a step's pass); bounded so that
 # the forwarder, waiting to insert into the inbox, never waits long for the write lock.
 PASS = 256
+RESCAN = 1.0  # seconds between two full reads of the inbox's unfinished commands
+SCAN_LIMIT = 100_000  # unfinished commands a full read looks at
 # What create_instance takes besides INSTANCE_COLUMNS (fastpath.cell.db).
 _CREATE_NESTED = frozenset({"flavor", "metadata", "tags", "security_groups", "network",
                             "volumes", "image_properties", "scheduler_hints",
@@ -180,6 +183,10 @@ class CellService:
         self.name = name
         self._jobs: dict[str, _Job] = {}  # command_id -> a phase pending
         self._busy: set[str] = set()  # uuids with a job in flight
+        self._due: list[tuple[float, str]] = []  # heap of (due, command_id); stale ones skipped
+        self._waiting: dict[str, str | None] = {}  # not taken yet, inbox order: id -> uuid
+        self._rowid = 0  # the highest inbox rowid read
+        self._next_scan = 0.0  # ``now`` of the next full read of the inbox
         self._dirty_hosts: set[str] = set()  # hosts whose usage row may be out of date
         self._host_figures: dict[str, tuple[int, int, int]] = {}  # usage last written
         self._restore_claims()
@@ -213,13 +220,12 @@ class CellService:
         most once, so every state change still has its own version step and feed entry.
         """
         done = self._run_due(now)
-        # Commands to take now: the oldest of each idle server, at most PASS; payloads are
-        # decoded only for those (not for the ones in flight or queued behind them).
+        self._read_inbox(now)
+        # Commands to take now: the oldest waiting one of each idle server, at most PASS;
+        # payloads are decoded only for those.
         chosen: list[tuple[str, str | None]] = []
         touched: set[str] = set()
-        for command_id, uuid in self.db.pending_heads(limit=len(self._jobs) + 4 * PASS):
-            if command_id in self._jobs:
-                continue
+        for command_id, uuid in self._waiting.items():
             if uuid is not None:
                 if uuid in self._busy or uuid in touched:
                     continue  # in order per server: wait for the command in flight
@@ -227,6 +233,8 @@ class CellService:
             chosen.append((command_id, uuid))
             if len(chosen) >= PASS:
                 break
+        for command_id, _ in chosen:
+            del self._waiting[command_id]
         payloads = self.db.command_payloads([cid for cid, _ in chosen])
         todo: list[tuple[str, str | None, dict[str, Any]]] = []
         for command_id, uuid in chosen:
@@ -249,22 +257,47 @@ class CellService:
         # Phases whose delay is zero complete within the same step.
         return done + self._run_due(now)
 
+    def _read_inbox(self, now: float) -> None:
+        """Bring ``_waiting`` (commands not yet taken, inbox order) up to date: the rows
+        inserted since the last read, and every unfinished row once per RESCAN seconds
+        (which also catches a row that slipped past the rowid watermark)."""
+        if now >= self._next_scan:
+            rows = self.db.pending_heads(limit=SCAN_LIMIT)
+            self._waiting = {cid: u for _, cid, u in rows if cid not in self._jobs}
+            self._next_scan = now + RESCAN
+        else:
+            rows = self.db.pending_heads(limit=4 * PASS, after_rowid=self._rowid)
+            for _, cid, u in rows:
+                if cid not in self._jobs:
+                    self._waiting.setdefault(cid, u)
+        if rows:
+            self._rowid = max(self._rowid, max(r for r, _, _ in rows))
+
     def _run_due(self, now: float) -> int:
         done = 0
-        while True:
-            due = sorted((j for j in self._jobs.values() if j.due <= now),
-                         key=lambda j: (j.due, j.command_id))[:PASS]
+        heap = self._due
+        while heap and heap[0][0] <= now:
+            due: list[_Job] = []
+            while heap and heap[0][0] <= now and len(due) < PASS:
+                at, command_id = heapq.heappop(heap)
+                job = self._jobs.get(command_id)
+                if job is not None and job.due == at:  # else a stale entry: skip it
+                    due.append(job)
             if not due:
-                return done
+                continue
             with self.db.transaction():
                 for job in due:
                     self._advance(job, now)
                     done += 1
                 self._flush_hosts()
+        return done
 
     def next_due(self) -> float | None:
         """When the earliest phase in flight falls due (None: nothing in flight)."""
-        return min((j.due for j in self._jobs.values()), default=None)
+        heap = self._due
+        while heap and (heap[0][1] not in self._jobs or self._jobs[heap[0][1]].due != heap[0][0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
     # -- taking a command ------------------------------------------------------------------
     def _start(self, command_id: str, uuid: str, payload: dict[str, Any], now: float) -> int:
@@ -405,6 +438,7 @@ class CellService:
     def _track(self, job: _Job) -> None:
         self._jobs[job.command_id] = job
         self._busy.add(job.uuid)
+        heapq.heappush(self._due, (job.due, job.command_id))
 
     # -- one-phase commands ----------------------------------------------------------------
     def _one_phase(self, command_id: str, uuid: str, action: str, spec: Action,
@@ -456,6 +490,7 @@ class CellService:
                     status = ("migrating", "post-migrating")[min(job.stage - 1, 1)]
                     self.db.set_migration_status(job.uuid, job.command_id, status, at=ts)
             job.due = now + self.driver.action_delay
+            heapq.heappush(self._due, (job.due, job.command_id))
             return
         if job.action == "create":
             self._finish_create(job, now)
