@@ -79,9 +79,9 @@ def _work(plan: Any) -> Any:
     def work(c: CommandTxn) -> int:
         n = SC.instances_allowed(c.reader, plan.project, plan.flavor, plan.min_count,
                                  len(plan.servers))
+        c.put_provisional([p.prepared for p in plan.servers[:n]])
         for p in plan.servers[:n]:
-            c.upsert_provisional(p.record, p.rendered)
-            c.put_outbox(p.cell, p.uuid, p.command_id, p.payload, p.record["created_at"])
+            c.put_outbox_packed(p.outbox)
         return n
     return work
 

@@ -42,7 +42,13 @@ from fastpath.api.routes import API_ROOT, RouteSpec
 from fastpath.errors import BadRequest, Conflict, Forbidden, HTTPFault, NotFound
 from fastpath.store import record as R
 from fastpath.store.changes import Catalog
-from fastpath.store.commands import CommandTxn
+from fastpath.store.commands import (
+    CommandTxn,
+    OutboxEntry,
+    Provisional,
+    pack_outbox,
+    prepare_provisional,
+)
 from fastpath.store.reader import Reader
 
 _core = load_core()
@@ -475,7 +481,11 @@ class _Planned:
     record: dict[str, Any]
     payload: dict[str, Any]
     cell: str
-    rendered: dict[bytes, bytes]  # its views, rendered outside the write transaction
+    # PERF: its record, index entries, views and outbox entry, packed on the event loop:
+    # the write transaction only re-checks and puts (~60 -> ~20 us a create under the
+    # writer lock, bench_commands).
+    prepared: Provisional
+    outbox: OutboxEntry
 
 
 @dataclass
@@ -610,9 +620,9 @@ class ServerCommands:
 
         def work(c: CommandTxn) -> int:
             n = instances_allowed(c.reader, plan.project, plan.flavor, plan.min_count, len(planned))
+            c.put_provisional([p.prepared for p in planned[:n]])
             for p in planned[:n]:
-                c.upsert_provisional(p.record, p.rendered)
-                c.put_outbox(p.cell, p.uuid, p.command_id, p.payload, p.record["created_at"])
+                c.put_outbox_packed(p.outbox)
             return n
 
         await self.committer.submit(work)
@@ -761,8 +771,10 @@ class ServerCommands:
             payload = {"action": "create", "server": server, "host": place.host,
                        "project_id": project, "user_id": user, "request_id": cid,
                        "networks": s.get("networks", "auto")}
-            plan.servers.append(_Planned(uid, cid, rec, payload, place.cell,
-                                         views.render_server(rec)))
+            plan.servers.append(_Planned(
+                uid, cid, rec, payload, place.cell,
+                prepare_provisional(rec, views.render_server(rec)),
+                pack_outbox(place.cell, uid, cid, payload, now)))
         return plan
 
     # -- one server's commands -------------------------------------------------------------
