@@ -40,8 +40,9 @@ def put_server(s: Server, uuid: str = U, version: int = 1, **fields: Any) -> Non
 
 
 def cmd(s: Server, method: str, target: str, body: Any = None, token: str = TOKEN,
-        version: str = "2.26", budget: tuple[int, int] | None = None) -> Response:
-    return command_support.cmd(s, method, target, body, token, version, budget)
+        version: str = "2.26", budget: tuple[int, int] | None = None,
+        noop_ok: bool = False) -> Response:
+    return command_support.cmd(s, method, target, body, token, version, budget, noop_ok)
 
 
 def get(s: Server, target: str, token: str = TOKEN, version: str = "2.26") -> Any:
