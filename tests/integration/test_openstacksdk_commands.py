@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +68,18 @@ def _wait_status(conn: Any, server_id: str, status: str) -> Any:
                                         interval=0.1, wait=WAIT)
 
 
-def test_server_lifecycle(served: Any) -> None:
+def _lifecycle(served: Any, name: str) -> str:
+    """One server's whole life; returns its id."""
     conn = _connection(served)
     created = conn.compute.create_server(
-        name="sdk-life", flavor_id=FLAVORS[0]["id"], image_id=IMAGES[0]["id"], networks="none",
+        name=name, flavor_id=FLAVORS[0]["id"], image_id=IMAGES[0]["id"], networks="none",
     )
     assert created.admin_password  # the 202 carries adminPass
     first = conn.compute.get_server(created.id)
     assert first.status in ("BUILD", "ACTIVE")  # visible at once (read-your-writes)
 
     active = conn.compute.wait_for_server(first, status="ACTIVE", interval=0.1, wait=WAIT)
-    assert active.name == "sdk-life"
+    assert active.name == name
     assert active.flavor["original_name"] == FLAVORS[0]["name"]
     assert active.host_id  # hostId: the cell placed it on a host
 
@@ -98,6 +100,18 @@ def test_server_lifecycle(served: Any) -> None:
     conn.compute.wait_for_delete(started, interval=0.1, wait=WAIT)
     assert served.get(f"/v2.1/servers/{created.id}",
                       headers={"X-Auth-Token": f"sdk-user:{PROJECT}"}).status == 404
+    return str(created.id)
+
+
+def test_server_lifecycle(served: Any) -> None:
+    _lifecycle(served, "sdk-life")
+
+
+def test_lifecycles_in_parallel(served: Any) -> None:
+    """Six clients, each through create → ACTIVE → reboot → stop → start → delete at once."""
+    with ThreadPoolExecutor(6) as pool:
+        ids = list(pool.map(lambda i: _lifecycle(served, f"sdk-par-{i}"), range(6)))
+    assert len(set(ids)) == 6
 
 
 def test_many_servers_across_cells(served: Any) -> None:
