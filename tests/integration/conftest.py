@@ -31,6 +31,20 @@ NO_SIDECARS = ("--set", "standalone.cells=", "--set", "standalone.cellsync=false
                "--set", "standalone.forwarder=false")
 
 
+def seed_catalog(data: Path) -> None:
+    """The seeded catalogue (flavors, images, keypairs, AZ, quotas: ``fastpath.seed``)
+    straight into the store of ``data``, before a serve starts: what creates need."""
+    from fastpath.api import views
+    from fastpath.seed import catalog
+    from fastpath.store import Batch, Store
+
+    store = Store.open(data, map_size=1 << 26)
+    try:
+        store.apply(Batch([], catalog=catalog(1)), render=views.render_server)
+    finally:
+        store.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ from fastpath.api import views
 from fastpath.seed import FLAVORS, IMAGES, catalog
 from fastpath.store import Batch, Store
 from fastpath.store.changes import Catalog, CatalogPut
-from tests.integration.conftest import FastpathServer, free_port, wait_until
+from tests.integration.conftest import FastpathServer, free_port, seed_catalog, wait_until
 
 PROJECT = "7d3c0fa1a1b24c7c9b2f0e1d2c3b4a59"
 TOKEN = f"user1:{PROJECT}"
@@ -212,11 +212,7 @@ def test_kill_9_during_creates_through_the_cells(tmp_path: Path) -> None:
 
     data = tmp_path / "data"
     data.mkdir()
-    store = Store.open(data, map_size=1 << 26)
-    try:
-        store.apply(Batch([], catalog=catalog(1)), render=views.render_server)
-    finally:
-        store.close()
+    seed_catalog(data)
     args = ["--set", "cell.build_delay=0.05", "--set", "cell.action_delay=0.05"]
     server = FastpathServer(data_dir=data, port=free_port(), workers=2, args=args)
     server.start()
@@ -257,11 +253,7 @@ def test_every_server_command_end_to_end(tmp_path: Path) -> None:
     forwarder -> cell -> cellsync -> the cell's own fields settle it."""
     data = tmp_path / "data"
     data.mkdir()
-    store = Store.open(data, map_size=1 << 26)
-    try:
-        store.apply(Batch([], catalog=catalog(1)), render=views.render_server)
-    finally:
-        store.close()
+    seed_catalog(data)
     args = ["--set", "cell.build_delay=0.05", "--set", "cell.action_delay=0.05"]
     server = FastpathServer(data_dir=data, port=free_port(), workers=2, args=args)
     server.start()

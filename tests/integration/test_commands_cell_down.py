@@ -20,10 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fastpath.api import views
-from fastpath.seed import FLAVORS, IMAGES, catalog
-from fastpath.store import Batch, Store
-from tests.integration.conftest import FastpathServer, free_port, wait_until
+from fastpath.seed import FLAVORS, IMAGES
+from fastpath.store import Store
+from tests.integration.conftest import FastpathServer, free_port, seed_catalog, wait_until
 
 PROJECT = "0c3e1f5a2b4d4c6e8f0a1b3c5d7e9f11"
 TOKEN = f"user1:{PROJECT}"
@@ -63,11 +62,7 @@ def _statuses(port: int, ids: list[str]) -> dict[str, str]:
 def test_a_stopped_cell_delays_its_commands_and_loses_none(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    store = Store.open(data, map_size=1 << 26)
-    try:
-        store.apply(Batch([], catalog=catalog(1)), render=views.render_server)
-    finally:
-        store.close()
+    seed_catalog(data)
     server = FastpathServer(data_dir=data, port=free_port(), workers=2, args=[
         "--set", "cell.build_delay=0.05", "--set", "cell.action_delay=0.05"])
     server.start()

@@ -13,14 +13,11 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fastpath.api import views
-from fastpath.seed import FLAVORS, IMAGES, catalog
-from fastpath.store import Batch, Store
+from fastpath.seed import FLAVORS, IMAGES
 
 openstack = pytest.importorskip("openstack")
 
@@ -28,21 +25,13 @@ PROJECT = "5d3c0fa1a1b24c7c9b2f0e1d2c3b4a59"
 WAIT = 60  # seconds: generous, the machine is shared
 
 
-def _seed_catalog(data_dir: Path) -> None:
-    store = Store.open(data_dir, map_size=1 << 26)
-    try:
-        store.apply(Batch([], catalog=catalog(1)), render=views.render_server)
-    finally:
-        store.close()
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from tests.integration.conftest import FastpathServer, free_port
+    from tests.integration.conftest import FastpathServer, free_port, seed_catalog
 
     data = tmp_path_factory.mktemp("sdkcmd") / "data"
     data.mkdir()
-    _seed_catalog(data)
+    seed_catalog(data)
     server = FastpathServer(
         data_dir=data, port=free_port(), workers=2,
         args=["--set", f"auth.default_project={PROJECT}",
