@@ -14,10 +14,16 @@ runs wrk against it with a Lua script that builds each request:
 
 The rounds run one after the other (there is no nginx twin for a durable write).  It
 reports requests/s, p50/p90/p99 and the server CPU per request (median over rounds), then
-waits (bounded) until the forwarder has drained the outbox to the cells.
+waits (bounded) until the forwarder has drained the outbox to the cells.  Each round's line
+also has the CPU per request by process role (worker, cell, cellsync, forwarder, master),
+the store's durable commits per second (all writers, and the API workers' share from
+``/metrics``), the load average, and a durable LMDB commit of one small put timed just
+before the round (the disk's fsync latency, shared with whatever else runs).
+``--commit-stats`` adds the committers' group sizes and writer-lock wait/hold.
 
     python benchmarks/load_commands.py [--workers 2] [--duration 10] [--connections 32]
                                        [--rounds 3] [--scenarios create,create-delete]
+                                       [--api-only] [--commit-stats] [--set NAME=VALUE]
                                        [--json out.json]
 
 Exit status: 0 when every run completed without socket/HTTP errors, 1 otherwise.
@@ -38,6 +44,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from load import (  # noqa: E402
+    _CLK_TCK,
     HOST,
     WRK_LUA,
     Proc,
@@ -45,6 +52,7 @@ from load import (  # noqa: E402
     free_port,
     http_get,
     run_wrk,
+    tree_pids,
     wait_ready,
 )
 
@@ -125,6 +133,48 @@ def seed_catalog(data_dir: str, api_only: bool = False) -> tuple[str, str]:
     return str(FLAVORS[0]["id"]), str(IMAGES[0]["id"])
 
 
+def commit_probe(scratch: str, n: int = 40) -> float:
+    """Median ms of a durable LMDB commit of one small put in a scratch env (the disk's
+    fsync latency right now: on a shared machine it decides the figures)."""
+    import lmdb
+
+    env = lmdb.open(scratch, map_size=1 << 24)
+    try:
+        times = []
+        for i in range(n):
+            t = time.perf_counter()
+            with env.begin(write=True) as txn:
+                txn.put(b"k%d" % (i % 4), b"x" * 100)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e3
+    finally:
+        env.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def last_txnid(data_dir: str) -> int:
+    """The store's last committed write transaction id (every writer process counts)."""
+    from fastpath.store import Store
+
+    store = Store.open(data_dir)
+    try:
+        return int(store._env.info()["last_txnid"])
+    finally:
+        store.close()
+
+
+def api_write_txns(port: int, host_header: str) -> int:
+    """The API workers' store write transactions (``/metrics``), or -1."""
+    try:
+        status, _, body = http_get(port, "/metrics", host_header)
+    except OSError:
+        return -1
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("fastpath_store_write_txn_total "):
+            return int(float(line.split()[1]))
+    return -1
+
+
 def store_counts(data_dir: str) -> tuple[int, int]:
     """(live servers, outbox entries) in one read transaction."""
     from fastpath.store import Store
@@ -137,6 +187,44 @@ def store_counts(data_dir: str) -> tuple[int, int]:
     finally:
         store.close()
     return live, outbox
+
+
+def _roles(root: int, data_dir: str) -> dict[int, str]:
+    """The server's processes by role: master, worker, cell (has a cell's SQLite file
+    open), cellsync and forwarder (their status files under ``run/`` name their pids)."""
+    roles: dict[int, str] = {}
+    for name in ("cellsync", "forwarder"):
+        try:
+            with open(os.path.join(data_dir, "run", f"{name}.json")) as f:
+                roles[int(json.load(f)["pid"])] = name
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    for pid in tree_pids(root):
+        if pid in roles:
+            continue
+        if pid == root:
+            roles[pid] = "master"
+            continue
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        roles[pid] = "cell" if any(x.endswith(".sqlite") for x in links) else "worker"
+    return roles
+
+
+def cpu_by_role(roles: dict[int, str]) -> dict[str, float]:
+    """User + system CPU seconds of the live processes, summed by role."""
+    out: dict[str, float] = {}
+    for pid, role in roles.items():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return out
 
 
 def commit_stats(log_path: str) -> list[str]:
@@ -166,6 +254,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--commit-stats", action="store_true",
                    help="serve at log level debug and print each worker's group-commit log "
                         "(commits, commands per commit, writer lock waited/held per commit)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting for serve (repeatable), e.g. cellsync.txn_budget_ms=5")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     return p.parse_args(argv)
@@ -195,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "--set", f"cell.hosts={args.cell_hosts}", "--set", f"log.level={'debug' if args.commit_stats else 'warning'}",
         *(["--set", "standalone.cells=", "--set", "standalone.cellsync=false",
            "--set", "standalone.forwarder=false"] if args.api_only else []),
+        *(x for kv in args.set for x in ("--set", kv)),
     ], os.path.join(tmp, "serve.log"))
     runs: list[Run] = []
     try:
@@ -209,11 +300,24 @@ def main(argv: list[str] | None = None) -> int:
                 argv_ = [wrk, "-t", str(args.threads), "-c", str(args.connections),
                          "-d", f"{args.duration:g}s", "--timeout", "5s", "-s", script,
                          "-H", f"Host: {host_header}", f"http://{HOST}:{port}/v2.1/servers"]
+                roles = _roles(serve.pid, data)
+                txn0, api0 = last_txnid(data), api_write_txns(port, host_header)
+                probe = commit_probe(os.path.join(tmp, f"probe-{name}-{rnd}"))
+                cpu0 = cpu_by_role(roles)
                 run = run_wrk(argv_, args.duration, "fastpath", name, rnd, serve.pid)
+                cpu1 = cpu_by_role(roles)
+                commits = (last_txnid(data) - txn0) / args.duration
+                api_commits = (api_write_txns(port, host_header) - api0) / args.duration
                 runs.append(run)
+                load1 = os.getloadavg()[0]
+                by_role = " ".join(
+                    f"{r} {(cpu1[r] - cpu0.get(r, 0.0)) * 1e6 / max(run.requests, 1):.0f}"
+                    for r in sorted(cpu1))
                 print(f"{name} round {rnd}: {run.rps:,.0f} req/s p50 {run.p50_us / 1000:.2f} ms "
                       f"p99 {run.p99_us / 1000:.2f} ms cpu {run.server_cpu_us_per_request:.0f} "
-                      f"us/req errors {run.errors} {run.failed}", flush=True)
+                      f"us/req ({by_role}) store commits/s {commits:.0f} (API {api_commits:.0f}) load {load1:.1f} "
+                      f"durable commit before {probe:.2f} ms errors {run.errors} {run.failed}",
+                      flush=True)
         # --api-only: nothing delivers the outbox; it is counted once.
         deadline = time.monotonic() + (0 if args.api_only else args.drain_timeout)
         while True:
