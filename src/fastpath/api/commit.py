@@ -93,7 +93,7 @@ class GroupCommitter:
         self._open = 0  # commands submitted and not yet resolved (the max_queue bound)
         self._wake = threading.Event()
         self._closing = False
-        self._ringing = False
+        self._ringing: set[asyncio.AbstractEventLoop] = set()  # loops with a _ring scheduled
         self._thread: threading.Thread | None = None
         # statistics (tests, metrics): durable commits, commands committed, refused as busy
         self.commits = 0
@@ -122,18 +122,18 @@ class GroupCommitter:
         fut: asyncio.Future[T] = loop.create_future()
         self._open += 1
         self._queue.append((work, fut, loop))
-        if not self._ringing:
+        if loop not in self._ringing:
             # Wake the thread once this loop iteration has run its ready callbacks: the
             # commands submitted in the same iteration start as one group.
-            self._ringing = True
-            loop.call_soon(self._ring)
+            self._ringing.add(loop)
+            loop.call_soon(self._ring, loop)
         try:
             return await fut
         finally:
             self._open -= 1
 
-    def _ring(self) -> None:
-        self._ringing = False
+    def _ring(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._ringing.discard(loop)
         if self._thread is None:
             if sys.getswitchinterval() > SWITCH_INTERVAL:
                 sys.setswitchinterval(SWITCH_INTERVAL)
