@@ -86,3 +86,22 @@ def test_cache_follows_the_generation(store: Store) -> None:
     assert choose(store, sched) == [("cell1", "a")] and sched._cap is cap  # not decoded again
     put_cells(store, {"cell1": {"a": host(r=8192)}, "cell2": {"b": host()}})
     assert choose(store, sched) == [("cell2", "b")]
+
+
+def test_max_age_keeps_a_young_cache_but_never_an_empty_one(store: Store) -> None:
+    clock = [100.0]
+    sched = Scheduler(random.Random(6), max_age=0.1)
+    import fastpath.api.schedule as S
+    real = S.time.monotonic
+    S.time.monotonic = lambda: clock[0]  # type: ignore[assignment]
+    try:
+        with pytest.raises(NoCells):
+            choose(store, sched)  # nothing known yet: an empty cache
+        put_cells(store, {"cell1": {"a": host()}})
+        assert choose(store, sched) == [("cell1", "a")]  # an empty cache is always refreshed
+        put_cells(store, {"cell1": {"a": host(r=8192)}, "cell2": {"b": host()}})
+        assert choose(store, sched) == [("cell1", "a")]  # 0 s old: kept
+        clock[0] += 0.2
+        assert choose(store, sched) == [("cell2", "b")]  # old enough: the new generation
+    finally:
+        S.time.monotonic = real  # type: ignore[assignment]

@@ -57,6 +57,9 @@ GIB = 1 << 30
 PASSWORD_SYMBOLS = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 DEFAULT_ZONE = "nova"  # Nova's default_availability_zone
 DISK_CONFIG = ["AUTO", "MANUAL"]
+# Seconds a worker's scheduler keeps a decoded cells table once cellsync wrote a newer one
+# (schedule.Scheduler's max_age: hosts' usage lags the cells by the sync delay anyway).
+CAPACITY_MAX_AGE = 0.1
 
 
 # -- schemas (in Nova's key order: the first error decides the message) -----------------------
@@ -586,7 +589,7 @@ class ServerCommands:
         if ctx.committer is None:
             raise ValueError("the API context has no group committer")
         self.committer = ctx.committer
-        self.scheduler = schedule.Scheduler()
+        self.scheduler = schedule.Scheduler(max_age=CAPACITY_MAX_AGE)
         self.actions: dict[str, Callable[[Any, str, Any], Any]] = {
             "reboot": self._reboot,
             "os-stop": self._simple("stop"), "os-start": self._simple("start"),
