@@ -214,7 +214,8 @@ def _roles(root: int, data_dir: str) -> dict[int, str]:
 
 
 def cpu_by_role(roles: dict[int, str]) -> dict[str, float]:
-    """User + system CPU seconds of the live processes, summed by role."""
+    """User + system CPU seconds of the live processes, summed by role (and the workers'
+    system CPU apart, as ``worker-sys``)."""
     out: dict[str, float] = {}
     for pid, role in roles.items():
         try:
@@ -224,6 +225,8 @@ def cpu_by_role(roles: dict[int, str]) -> dict[str, float]:
             continue
         fields = stat[stat.rindex(b")") + 2:].split()
         out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        if role == "worker":
+            out["worker-sys"] = out.get("worker-sys", 0.0) + int(fields[12]) / _CLK_TCK
     return out
 
 
@@ -290,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     try:
         wait_ready(serve, port, "/healthz", host_header, 60)
+        if not args.api_only:  # the sidecars' status files name their pids (CPU by role)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not all(
+                    os.path.exists(os.path.join(data, "run", f"{n}.json"))
+                    for n in ("cellsync", "forwarder")):
+                time.sleep(0.1)
         for name in scenarios:
             script = os.path.join(tmp, f"{name}.lua")
             with open(script, "w") as f:

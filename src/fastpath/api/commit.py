@@ -103,6 +103,7 @@ class GroupCommitter:
         self.held = 0.0  # seconds holding it through the durable commit, summed
         self.works = 0.0  # of held: seconds running the works, summed
         self._logged = (time.monotonic(), 0, 0, 0.0, 0.0, 0.0)
+        self._window_max = (0.0, 0.0)  # longest writer-lock wait and hold since the last log
 
     @property
     def queued(self) -> int:
@@ -199,6 +200,8 @@ class GroupCommitter:
             self.commits += 1
             self.commands += len(group)
             self.lock_wait += result.lock_wait
+            mw, mh = self._window_max
+            self._window_max = (max(mw, result.lock_wait), max(mh, result.held))
             self.held += result.held
             self.works += result.works
             if log.isEnabledFor(logging.DEBUG):
@@ -218,10 +221,13 @@ class GroupCommitter:
         if now - t < 2 or self.commits == commits:
             return
         n = self.commits - commits
+        mw, mh = self._window_max
         log.debug("group commit: %d commits of %.1f commands in %.1f s; writer lock: %.2f ms "
-                  "waited, %.2f ms held (%.2f ms works, the rest commit + fsync) per commit",
+                  "waited, %.2f ms held (%.2f ms works, the rest commit + fsync) per commit; "
+                  "longest wait %.1f ms, hold %.1f ms",
                   n, (self.commands - commands) / n, now - t, (self.lock_wait - wait) * 1e3 / n,
-                  (self.held - held) * 1e3 / n, (self.works - works) * 1e3 / n)
+                  (self.held - held) * 1e3 / n, (self.works - works) * 1e3 / n, mw * 1e3, mh * 1e3)
+        self._window_max = (0.0, 0.0)
         self._logged = (now, self.commits, self.commands, self.lock_wait, self.held, self.works)
 
     def _resize(self, kind: str, loop: asyncio.AbstractEventLoop) -> None:
