@@ -276,6 +276,59 @@ def run(servers: int, batch: int, rounds: int, daemon_gc: bool = True) -> dict[s
     }
 
 
+# -- script: the daemon's rounds over two cells, in process or with the projector --------------
+def drain(servers: int, backlog: int, repeats: int, workers: int) -> dict[str, Any]:
+    """Two cells of ``servers // 2`` servers; ``repeats`` times: ``backlog`` changes committed
+    in each cell, then ``CellSync.sync_round`` until idle with the daemon's defaults (batch
+    500, txn budget 20 ms, tune_gc), once in process and once with the projector's
+    ``workers`` (cellsync.workers), alternately.  changes/s = 2 * backlog / time to drain."""
+    with tempfile.TemporaryDirectory(prefix="bench-drain-") as d:
+        root = Path(d)
+        dbs = {c: SqliteCellDB(str(root / f"{c}.sqlite")) for c in ("cell1", "cell2")}
+        per = {c: [uid(i) for i in range(k, servers, 2)] for k, c in enumerate(dbs)}
+        for k, db in enumerate(dbs.values()):
+            for h in range(HOSTS):
+                db.upsert_host(f"compute-{h:02d}", f"compute-{h:02d}.example.com", 64,
+                               262144, 4000, "nova")
+            with db.transaction():
+                for i in range(k, servers, 2):
+                    db.create_instance(server_values(i))
+        store = Store.open(root / "store", map_size=1 << 31)
+        plain = CellSync(store, dbs)
+        piped = CellSync(store, dbs)
+        piped.start_projector(workers)
+        plain.run_until_idle()
+        tune_gc()
+        took: dict[str, list[float]] = {"in process": [], f"projector ({workers} workers)": []}
+        nxt, flip = 0, False
+        try:
+            for _ in range(repeats):
+                for mode, sync in zip(took, (plain, piped), strict=True):
+                    flip = not flip
+                    for c, db in dbs.items():
+                        with db.transaction():
+                            for j in range(backlog):
+                                db.update_instance(per[c][(nxt + j) % len(per[c])],
+                                                   task_state="rebooting" if flip else None)
+                    nxt += backlog
+                    t0 = time.perf_counter()
+                    while sync.sync_round():
+                        pass
+                    took[mode].append(time.perf_counter() - t0)
+                    with store.read() as r:
+                        assert all(r.cursor(c) == db.max_seq() for c, db in dbs.items())
+        finally:
+            piped.close()
+            store.close()
+            for db in dbs.values():
+                db.close()
+    return {"servers": servers, "backlog_per_cell": backlog, "repeats": repeats,
+            "changes_per_s": {m: round(2 * backlog / statistics.median(t)) for m, t in took.items()},
+            "drain_s_median": {m: round(statistics.median(t), 3) for m, t in took.items()},
+            "loadavg_1m_at_end": os.getloadavg()[0],
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--servers", type=int, default=N_SERVERS)
@@ -284,7 +337,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--default-gc", action="store_true",
                     help="keep Python's GC settings (default: the daemon's, tune_gc)")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "sync.json"))
+    ap.add_argument("--drain", type=int, default=0, metavar="BACKLOG",
+                    help="instead: two cells, BACKLOG changes each, drained by sync_round in "
+                         "process and with the projector (--workers), alternately (--rounds)")
+    ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args(argv)
+    if a.drain:
+        r = drain(a.servers, a.drain, a.rounds, a.workers)
+        print(f"cellsync sync_round over 2 cells ({a.servers} servers), {a.drain:,} changes "
+              f"per cell drained, median of {a.rounds} (load average {r['loadavg_1m_at_end']:.2f}):")
+        for m, v in r["changes_per_s"].items():
+            print(f"  {m:24s} {v:8,} changes/s ({r['drain_s_median'][m]} s)")
+        path = Path(a.json).with_name("sync_drain.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r, indent=2) + "\n")
+        print(f"saved {path}")
+        return 0
     r = run(a.servers, a.batch, a.rounds, daemon_gc=not a.default_gc)
     print(f"cellsync sync_once: {a.servers} servers in the cell, {a.batch} state changes per "
           f"round (distinct servers), {a.rounds} rounds, durable LMDB commit, GC {r['gc']}")

@@ -8,6 +8,10 @@ Without ``--once`` it runs until SIGTERM/SIGINT (:func:`run_daemon`, the same lo
 sleeps on its bell ``DATA_DIR/run/wake/cellsync`` (:mod:`fastpath.wake`), which every cell
 rings after each commit, or ``--interval`` (``cellsync.poll_interval``) at most.
 
+With ``cellsync.workers`` > 0 (default 2) a busy cell's next batch is read, projected and
+rendered in worker processes while the other cells' batches are applied
+(:meth:`cellsync.sync.CellSync.sync_round`).
+
 It publishes its per-cell statistics (``CellSync.stats()``: cursor, feed head, lag in
 sequence numbers and seconds, changes applied, resyncs) to ``DATA_DIR/run/cellsync.json``
 at most once a second, for ``/metrics``: the API never opens a transaction for them.
@@ -141,6 +145,7 @@ def run_daemon(settings: Settings, ctl: Control) -> int:
         stats = StatsFile(cellsync_stats_path(data_dir))
         discovered = -DISCOVER_INTERVAL
         tune_gc()  # after start-up: its objects are frozen out of every later collection
+        sync.start_projector(settings["cellsync.workers"])
         log.info("cellsync syncing the cells of %s (bell %s)", data_dir, bell.path)
         ctl.ready()
         while not ctl.should_stop():
@@ -149,10 +154,7 @@ def run_daemon(settings: Settings, ctl: Control) -> int:
             if now - discovered >= DISCOVER_INTERVAL:
                 _discover(sync, data_dir)
                 discovered = now
-            busy = False
-            for name in list(sync.cells):
-                res = sync.sync_once(name)
-                busy = busy or bool(res.entries or res.resynced)
+            busy = sync.sync_round()
             held = stats.publish(sync)
             if not busy:
                 ctl.sleep(poll if held is None else min(poll, held), bell)
@@ -160,6 +162,7 @@ def run_daemon(settings: Settings, ctl: Control) -> int:
         return 0
     finally:
         if sync is not None:
+            sync.close()
             for db in sync.cells.values():
                 db.close()
         if store is not None:

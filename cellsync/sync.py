@@ -53,6 +53,19 @@ does not have, and every later change of the cell wins as usual.  The store reco
 cell's epoch in its ``cells`` entry, so every other consumer (another API host) sees the
 cell's epoch move and resyncs too.
 
+Read-ahead in worker processes (``cellsync.workers``)
+----------------------------------------------------
+The daemon runs :meth:`CellSync.sync_round`.  With a :class:`Projector` (worker processes,
+spawned: an LMDB environment never crosses a fork), a cell that had entries has its next
+batch read from its feed right after its apply; a worker reads that batch's rows from the
+cell file, projects them and renders their views while the other cells' batches are
+applied.  The applying process keeps every decision: the feed checks above run on the
+batch as read (the store's cursor for the cell is read again before it is applied, and a
+batch read from a cursor that has moved since is read again), and the batch goes into the
+store with its cursor in one write transaction as in ``sync_once``.  Views rendered ahead
+are used only for a record the store renders as it came (no pending commands to overlay:
+:func:`prerendered`).  A worker that fails only means the batch is projected in process.
+
 Consumers and feed pruning
 --------------------------
 After a store commit, cellsync reports its cursor to the cell (:meth:`CellDB.ack`, at most
@@ -91,15 +104,20 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import multiprocessing
+import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
 from cellsync.projection import ProjectionError, project_change
 from fastpath.api.views import render_server
-from fastpath.cell.db import EPOCH_SHIFT, CellDB, Feed
+from fastpath.cell.db import EPOCH_SHIFT, CellDB, Feed, FeedEntry, SqliteCellDB
 from fastpath.store import (
     ApplySummary,
     Batch,
@@ -176,6 +194,138 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
+@dataclass
+class Projected:
+    """The changes of a batch of servers (:func:`project_servers`), and the servers left out:
+    ``missing`` (the feed names them, the cell has no row) and ``errors`` ((uuid, problem):
+    rows that make no valid record).  ``views``: when rendered ahead, each change's views
+    (``render_server`` of its record; None for a tombstone), in the order of ``changes``."""
+
+    changes: list[Upsert | Tombstone]
+    missing: list[str]
+    errors: list[tuple[str, str]]
+    views: list[dict[bytes, bytes] | None] | None = None
+
+
+def project_servers(cell: str, db: CellDB, uuids: Sequence[str],
+                    render: bool = False) -> Projected:
+    """The current change of each server, rows read in one cell read when possible;
+    ``render``: with each upsert's views rendered (see :func:`prerendered`)."""
+    many = getattr(db, "load_instances", None)
+    if callable(many):
+        loaded: Mapping[str, Any] = many(uuids)
+        rows_of: Callable[[str], Any] = loaded.get
+    else:
+        rows_of = db.load_instance
+    out = Projected([], [], [])
+    for uuid in uuids:
+        rows = rows_of(uuid)
+        if rows is None:
+            out.missing.append(uuid)
+            continue
+        try:
+            out.changes.append(project_change(rows, cell))
+        except ProjectionError as exc:
+            out.errors.append((uuid, str(exc)))
+    if render:
+        out.views = [render_server(ch.record) if isinstance(ch, Upsert) else None
+                     for ch in out.changes]
+    return out
+
+
+def prerendered(projected: Projected) -> Callable[[Mapping[str, Any]], dict[bytes, bytes]]:
+    """The renderer for ``Store.apply`` of ``projected.changes``: the views rendered ahead
+    for a record the store renders as it came (the same object: no API-owned fields are
+    stored for the server, so its effective record is the change's record), else
+    ``render_server`` (pending commands overlaid: rendered here, from the merged record)."""
+    ahead = {id(ch.record): (ch.record, v)
+             for ch, v in zip(projected.changes, projected.views or (), strict=False)
+             if v is not None}
+
+    def render(rec: Mapping[str, Any]) -> dict[bytes, bytes]:
+        got = ahead.get(id(rec))
+        if got is not None and got[0] is rec:
+            return got[1]
+        return render_server(rec)
+
+    return render
+
+
+# -- the projector: cell reads and projections in worker processes -------------------------
+_worker_cells: dict[str, SqliteCellDB] = {}
+
+
+def _worker_start(parent: int) -> None:
+    """A projector worker: the daemon's GC setting, and gone as soon as its parent is (a
+    ``kill -9`` of cellsync leaves no worker behind: the pool's queues cannot tell)."""
+    tune_gc()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _worker_project(path: str, cell: str, uuids: list[str]) -> Projected:
+    db = _worker_cells.get(path)
+    if db is None:
+        db = _worker_cells[path] = SqliteCellDB(path)
+    return project_servers(cell, db, uuids, render=True)
+
+
+class Projector:
+    """``workers`` processes that read servers' rows from a cell file, project them and
+    render their views, for :meth:`CellSync.sync_round`'s read-ahead (``cellsync.workers``).
+    Only reads: the store, the cursors and every decision stay in the applying process."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        # spawn, not fork: the parent holds an LMDB environment, which never crosses a fork.
+        pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_start, initargs=(os.getpid(),))
+        # Every worker started (and its imports done) now, not in the first batches' time.
+        for f in [pool.submit(time.sleep, 0.2) for _ in range(self.workers)]:
+            f.result()
+        return pool
+
+    def submit(self, db: CellDB, cell: str, uuids: list[str]) -> Future[Projected] | None:
+        """The projection of ``uuids`` under way in a worker; None for a cell that is not a
+        SQLite file (the caller projects it itself)."""
+        if not isinstance(db, SqliteCellDB):
+            return None
+        try:
+            return self.pool.submit(_worker_project, db.path, cell, uuids)
+        except BrokenProcessPool:  # a worker died (killed): new workers
+            log.warning("projector: a worker process died; starting new ones")
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._start()
+            return self.pool.submit(_worker_project, db.path, cell, uuids)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Plan:
+    """A batch read from a cell's feed (the first half of sync_once): what the second half
+    projects and applies."""
+
+    cell: str
+    cursor: int  # the store's cursor for the cell when the feed was read
+    feed: Feed
+    entries: list[FeedEntry]
+    limit: int
+    puts: list[CatalogPut]
+    uuids: list[str]
+    res: SyncResult
+    projected: Future[Projected] | None = None  # a worker's projection (read-ahead)
+
+
 def store_servers_of(r: Reader, cell: str) -> Iterator[tuple[str, int, str, int]]:
     """``(uuid, version, project_id, created_at)`` of every live store record of ``cell``.
 
@@ -229,6 +379,21 @@ class CellSync:
         self._cells_gen = -1
         self._cells_seen: dict[str, dict[str, Any] | None] = {}
         self._next_purge = 0.0
+        self.projector: Projector | None = None  # sync_round's read-ahead (start_projector)
+        self._ahead: dict[str, _Plan | SyncResult] = {}
+
+    def start_projector(self, workers: int) -> None:
+        """Read and project each busy cell's next batch in ``workers`` processes while the
+        other cells' batches are applied (:meth:`sync_round`); 0: everything in process."""
+        if workers > 0 and self.projector is None:
+            self.projector = Projector(workers)
+
+    def close(self) -> None:
+        """Stop the projector's workers (the cells and the store are the caller's)."""
+        self._ahead.clear()
+        if self.projector is not None:
+            self.projector.close()
+            self.projector = None
 
     @classmethod
     def from_settings(cls, store: Store, cells: Mapping[str, CellDB],
@@ -284,10 +449,12 @@ class CellSync:
         return out
 
     # -- helpers ---------------------------------------------------------------------------
-    def _apply(self, st: CellStats, batch: Batch) -> ApplySummary:
+    def _apply(self, st: CellStats, batch: Batch,
+               render: Callable[[Mapping[str, Any]], dict[bytes, bytes]] | None = None
+               ) -> ApplySummary:
         """One write transaction; adjusts the cell's batch size to the time budget."""
         t0 = time.perf_counter()
-        summary = self.store.apply(batch, render=render_server)
+        summary = self.store.apply(batch, render=render or render_server)
         took = time.perf_counter() - t0
         if took > self.txn_budget and st.limit > MIN_BATCH:
             # In proportion, at most halving: part of ``took`` is the commit's fixed cost.
@@ -329,29 +496,19 @@ class CellSync:
                     log.info("purged %d tombstones older than %.0f s", n,
                              self.tombstone_retention)
 
-    def _project(self, cell: str, db: CellDB, uuids: Sequence[str],
-                 res: SyncResult) -> list[Upsert | Tombstone]:
-        """The current change of each server, rows read in one cell read when possible."""
-        many = getattr(db, "load_instances", None)
-        if callable(many):
-            loaded: Mapping[str, Any] = many(uuids)
-            rows_of: Callable[[str], Any] = loaded.get
-        else:
-            rows_of = db.load_instance
-        changes: list[Upsert | Tombstone] = []
-        for uuid in uuids:
-            rows = rows_of(uuid)
-            if rows is None:
-                res.missing += 1
-                log.warning("cell %s: feed names %s but the cell has no such server", cell, uuid)
-                continue
-            try:
-                changes.append(project_change(rows, cell))
-            except ProjectionError as exc:
-                # One bad server must not stop the cell; verify reports it until fixed.
-                res.errors += 1
-                log.error("cell %s: server %s cannot be projected: %s", cell, uuid, exc)
-        return changes
+    def _project(self, cell: str, db: CellDB, uuids: Sequence[str], res: SyncResult,
+                 projected: Projected | None = None) -> list[Upsert | Tombstone]:
+        """The current change of each server (:func:`project_servers`, unless ``projected``
+        already holds them); the servers left out are counted in ``res`` and logged."""
+        got = project_servers(cell, db, uuids) if projected is None else projected
+        for uuid in got.missing:
+            log.warning("cell %s: feed names %s but the cell has no such server", cell, uuid)
+        for uuid, problem in got.errors:
+            # One bad server must not stop the cell; verify reports it until fixed.
+            log.error("cell %s: server %s cannot be projected: %s", cell, uuid, problem)
+        res.missing += len(got.missing)
+        res.errors += len(got.errors)
+        return got.changes
 
     def _maybe_ack(self, cell: str, db: CellDB, st: CellStats) -> None:
         now = self.clock()
@@ -366,6 +523,47 @@ class CellSync:
 
     # -- tailing ---------------------------------------------------------------------------
     def sync_once(self, cell: str) -> SyncResult:
+        step = self._begin(cell)
+        return step if isinstance(step, SyncResult) else self._finish(step)
+
+    def sync_round(self) -> bool:
+        """:meth:`sync_once` for every cell; True if any had entries (or was resynced).
+
+        With a projector (:meth:`start_projector`), a cell that had entries has its next
+        batch read from its feed right after its apply, and that batch's rows are read and
+        projected by a worker while the other cells apply theirs: the next round only
+        applies it (after checking that the store's cursor for the cell has not moved
+        meanwhile; if it has, the batch is read again).  The first batch after an idle
+        round is projected in process, for the lag of a lone change.
+        """
+        busy = False
+        for cell in list(self.cells):
+            res = self._sync_ahead(cell) if self.projector is not None else self.sync_once(cell)
+            busy = busy or bool(res.entries or res.resynced)
+        return busy
+
+    def _sync_ahead(self, cell: str) -> SyncResult:
+        step = self._ahead.pop(cell, None)
+        if isinstance(step, _Plan) and self.cursor(cell) != step.cursor:
+            # Someone else (a resync) moved the cursor under the batch read ahead: read again.
+            log.info("cell %s: cursor moved from %d under a batch read ahead", cell, step.cursor)
+            if step.projected is not None:
+                step.projected.cancel()
+            step = None
+        if step is None:
+            step = self._begin(cell)
+        if isinstance(step, SyncResult):
+            return step
+        res = self._finish(step)
+        if res.entries:
+            nxt = self._begin(cell, ahead=True)
+            if isinstance(nxt, SyncResult) or nxt.entries or nxt.puts:
+                self._ahead[cell] = nxt  # (an idle read is not kept: it would go stale)
+        return res
+
+    def _begin(self, cell: str, ahead: bool = False) -> _Plan | SyncResult:
+        """sync_once's first half: the cursor, the feed after it and the checks (a resync
+        when they fail: its result); ``ahead``: the batch's projection goes to a worker."""
         db = self.cells[cell]
         st = self._state(cell)
         with self.store.read() as r:
@@ -401,21 +599,41 @@ class CellSync:
                 or known_epoch != feed.epoch):
             puts.append(CatalogPut(Catalog.CELLS, cell, cell_entry(cell, feed, db.hosts(), known)))
             res.hosts = True
-        if entries or puts:
-            uuids = list(dict.fromkeys(e.uuid for e in entries))  # one per server
-            changes = self._project(cell, db, uuids, res)
+        uuids = list(dict.fromkeys(e.uuid for e in entries))  # one per server
+        plan = _Plan(cell, cursor, feed, entries, limit, puts, uuids, res)
+        if ahead and uuids and self.projector is not None:
+            plan.projected = self.projector.submit(db, cell, uuids)
+        return plan
+
+    def _finish(self, plan: _Plan) -> SyncResult:
+        """sync_once's second half: project (or take the worker's projection) and apply the
+        batch with the cursor in one store write transaction; ack, upkeep."""
+        cell, entries, res = plan.cell, plan.entries, plan.res
+        db = self.cells[cell]
+        st = self._state(cell)
+        if entries or plan.puts:
+            projected = None
+            if plan.projected is not None:
+                try:
+                    projected = plan.projected.result()
+                except Exception as exc:  # noqa: BLE001 - a lost worker: project here
+                    log.warning("cell %s: projector failed (%s): projecting in process",
+                                cell, exc)
+            changes = self._project(cell, db, plan.uuids, res, projected)
             last = entries[-1].seq if entries else None
             # repair=True: these are the servers' *current* rows, never a stale update, so
             # the tombstone horizon (meant for stale redeliveries) must not refuse a server
             # created while this consumer was away and the store purged old tombstones.
             summary = self._apply(st, Batch(changes, cursor=None if last is None else (cell, last),
-                                            catalog=puts, repair=True,
-                                            cursor_mark=entries[-1].at if entries else 0))
+                                            catalog=plan.puts, repair=True,
+                                            cursor_mark=entries[-1].at if entries else 0),
+                                  None if projected is None else prerendered(projected))
             res.servers = len(changes)
             res.summaries.append(summary)
             if last is not None:
                 res.cursor = summary.cursor if summary.cursor is not None else last
         st.cursor = res.cursor or 0
+        feed, limit = plan.feed, plan.limit
         st.pending_at = feed.entries[limit].at if len(feed.entries) > limit else None
         self._maybe_ack(cell, db, st)
         self.housekeeping(idle=not (entries or res.hosts))

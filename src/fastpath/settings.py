@@ -353,6 +353,12 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=1, maximum=10000,
     ),
     Setting(
+        "cellsync.workers", int, 2,
+        "Worker processes in which the cellsync daemon reads, projects and renders busy "
+        "cells' next batches while it applies the other cells' (0: all in its own process).",
+        minimum=0, maximum=64,
+    ),
+    Setting(
         "cellsync.ack_interval", float, 1.0,
         "Seconds between cellsync's reports of its cursor to each cell (feed pruning).",
         minimum=0.01, maximum=3600,

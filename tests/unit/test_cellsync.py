@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 from cellsync.projection import project_change
 from cellsync.sync import CellSync
 from cellsync.verify import summary_line, verify
+from fastpath.api.views import render_server
 from fastpath.cell import SqliteCellDB
 from fastpath.cell.db import EPOCH_SHIFT, Retention
 from fastpath.store import Batch, Store
 from fastpath.store import layout as L
-from fastpath.store.record import now_us
+from fastpath.store.record import effective, now_us
 from fastpath.store.samples import sample_record
 from tests.unit.test_projection import cell_values_of
 
@@ -579,3 +580,109 @@ def test_sync_keeps_the_changes_log_trimmed_and_purges_old_tombstones(
         assert r.tombstone(uid(0)) is None and r.tombstone_horizon() > 0
     # The cell still lists the server as deleted; without a tombstone that is not divergent.
     assert_clean(store, {"cell1": db})
+
+
+# -- the projector: read-ahead in worker processes (cellsync.workers) -------------------------
+def test_rounds_with_the_projector_converge_while_cells_keep_changing(
+        env: tuple[Store, dict[str, SqliteCellDB]], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="cellsync")
+    store, cells = env
+    for i in range(40):
+        create(cells["cell1" if i % 2 else "cell2"], i)
+    s = CellSync(store, cells, batch=7)
+    s.start_projector(2)
+    try:
+        read_ahead = 0
+        rewound = False
+        for rnd in range(200):
+            busy = s.sync_round()
+            read_ahead += sum(1 for p in s._ahead.values()
+                              if getattr(p, "projected", None) is not None)
+            if rnd < 30:  # the cells change under the read-ahead batches
+                db = cells["cell1" if rnd % 2 else "cell2"]
+                u = uid(rnd)  # cell1 has the odd ones
+                if rnd % 5 == 0:
+                    db.delete_instance(u)
+                else:
+                    db.update_instance(u, name=f"r{rnd}")
+            if not rewound and "cell1" in s._ahead:
+                # Someone else moves the cursor back under a batch read ahead: it is dropped.
+                rewound = True
+                store.apply(Batch((), cursor=("cell1", 3), reset_cursor=True,
+                                  cursor_mark=cells["cell1"].read_feed(3, 0).after_at))
+            if rnd > 30 and not busy:
+                break
+        else:
+            raise AssertionError("still busy after 200 rounds")
+        assert read_ahead > 0  # batches were projected by the workers
+        assert "cell cell1: cursor moved from" in caplog.text
+        with store.read() as r:
+            for name, db in cells.items():
+                assert r.cursor(name) == db.max_seq()
+                for u, _, kind in db.all_instance_versions():
+                    rec = r.get_server(u)
+                    if kind == "upsert":  # the views rendered ahead are the record's
+                        assert rec is not None
+                        views = {k: bytes(v) for k, v in r.views(u).items()}
+                        assert views == render_server(effective(rec))
+        assert_clean(store, cells)
+    finally:
+        s.close()
+    assert s.projector is None
+
+
+def test_projector_workers_leave_with_a_killed_parent(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    db = SqliteCellDB(str(tmp_path / "cell1.sqlite"))
+    create(db, 1)
+    db.close()
+    code = (
+        "import multiprocessing, sys, time\n"
+        "from cellsync.sync import Projector\n"
+        "from fastpath.cell import SqliteCellDB\n"
+        "db = SqliteCellDB(sys.argv[1])\n"
+        "p = Projector(2)\n"
+        "got = p.submit(db, 'cell1', [sys.argv[2]]).result(60)\n"
+        "assert len(got.changes) == 1, got\n"
+        "print(*[c.pid for c in multiprocessing.active_children()], flush=True)\n"
+        "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cell1.sqlite"), uid(1)],
+                            stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        pids = [int(x) for x in proc.stdout.readline().split()]
+        assert pids
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"workers {pids} outlived their parent"
+        time.sleep(0.1)
+
+
+def test_views_rendered_ahead_serve_only_the_very_record_they_came_with() -> None:
+    from cellsync.sync import Projected, prerendered
+    from fastpath.store import Upsert
+
+    rec = sample_record(uid(1), seed=1)
+    ahead = {b"v": b"rendered ahead"}
+    render = prerendered(Projected([Upsert(uid(1), rec["version"], rec)], [], [], [ahead]))
+    assert render(rec) is ahead
+    # The store merged API-owned fields (a pending command): it renders the effective
+    # record, another object, rendered now.
+    eff = effective(dict(rec, pending={"c1": {"at": 1, "fields": {"name": "new"}}}))
+    assert eff["name"] == "new"
+    assert render(eff) == render_server(eff) != ahead
+    assert render(dict(rec)) == render_server(rec)  # equal is not enough: the same object
