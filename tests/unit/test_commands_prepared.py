@@ -16,7 +16,13 @@ from fastpath.api import views
 from fastpath.store import Store
 from fastpath.store import layout as L
 from fastpath.store import record as R
-from fastpath.store.commands import CommandTxn, pack_outbox, prepare_provisional, run_group
+from fastpath.store.commands import (
+    CommandTxn,
+    pack_outbox,
+    prepare_pending,
+    prepare_provisional,
+    run_group,
+)
 from fastpath.store.errors import RecordError
 from fastpath.store.samples import sample_record
 
@@ -114,3 +120,51 @@ def test_a_taken_uuid_is_refused(stores: tuple[Store, Store]) -> None:
         commit(b, lambda c: c.put_provisional([p]))
     with pytest.raises(RecordError, match="version 0"):
         prepare_provisional(sample_record(U2, 3))
+
+
+def _live(store: Store, uuid: str, **fields: Any) -> None:
+    from fastpath.store import Batch, Upsert
+    store.apply(Batch([Upsert(uuid, 1, sample_record(uuid, 1, **fields))]), views.render_server)
+
+
+def test_planned_pending_writes_what_set_pending_writes(stores: tuple[Store, Store]) -> None:
+    a, b = stores
+    for s in stores:
+        _live(s, U1)
+    steps: list[tuple[str, dict[str, Any], int]] = [
+        ("req-1", {"task_state": "powering-off"}, 1000),
+        ("req-2", {"locked": True, "locked_by": "owner", "locked_reason": None}, 900)]
+    for cid, fields, at in steps:  # the second one's ``at`` is raised past the first's
+        def slow(c: CommandTxn, cid: str = cid, fields: dict[str, Any] = fields,
+                 at: int = at) -> Any:
+            return c.set_pending(U1, cid, fields, at)
+
+        e1 = commit(a, slow)
+        with b.read() as r:
+            plan = prepare_pending(r, U1, cid, fields, at, views.render_server)
+        assert plan is not None
+
+        def fast(c: CommandTxn, plan: Any = plan) -> Any:
+            assert c.pending_is_current(plan)
+            return c.put_pending(plan)
+
+        e2 = commit(b, fast)
+        assert e1 == e2
+    with a.read() as ra, b.read() as rb:
+        assert ra.dump() == rb.dump()
+        assert not rb.check()
+    assert e2["task_state"] == "powering-off" and e2["locked"]
+
+
+def test_a_stale_plan_is_not_current(stores: tuple[Store, Store]) -> None:
+    _, b = stores
+    _live(b, U1)
+    with b.read() as r:
+        plan = prepare_pending(r, U1, "req-1", {"task_state": "pausing"}, 1000, None)
+        assert prepare_pending(r, U2, "req-1", {"task_state": "pausing"}, 1000, None) is None
+    assert plan is not None
+    commit(b, lambda c: c.set_pending(U1, "req-0", {"task_state": "rebooting"}, 500))
+    assert commit(b, lambda c: c.pending_is_current(plan)) is False
+    with pytest.raises(RecordError, match="not allowed"):
+        with b.read() as r:
+            prepare_pending(r, U1, "req-9", {"uuid": "x"}, 1000, None)

@@ -47,6 +47,7 @@ from fastpath.store.commands import (
     OutboxEntry,
     Provisional,
     pack_outbox,
+    prepare_pending,
     prepare_provisional,
 )
 from fastpath.store.reader import Reader
@@ -798,22 +799,36 @@ class ServerCommands:
         group-committed write re-checking the same and writing pending + outbox.  Returns
         the effective record after the write (or ``then``'s value)."""
         is_admin = bool(req.is_admin)
+        cid = req.request_id
         with self.store.read() as r:
             rec = self._visible_record(r, req, server_id)
             eff = R.effective(rec)
             check_state(eff, action, rule, is_admin)
             if extra is not None:
                 extra(eff, r)
-        cid = req.request_id
-        at = R.now_us()
-        full = {**payload, "project_id": req.project, "user_id": req.user, "request_id": cid}
-        if payload["action"] != "update":  # Nova records no instance action for an update
-            # Nova records the instance action in the API: it lists at once (the cell's own
-            # entry, with its events, replaces it; record.effective merges the lists).
-            fields = {**(fields or {}), "actions": [
-                instance_action(cid, str(payload["action"]), req, at)]}
+            at = R.now_us()
+            full = {**payload, "project_id": req.project, "user_id": req.user,
+                    "request_id": cid}
+            if payload["action"] != "update":  # Nova records no instance action for an update
+                # Nova records the instance action in the API: it lists at once (the cell's
+                # own entry, with its events, replaces it; record.effective merges the lists).
+                fields = {**(fields or {}), "actions": [
+                    instance_action(cid, str(payload["action"]), req, at)]}
+            # PERF: the write planned from the bytes read here; the write transaction only
+            # checks that they did not change (else it decodes and re-checks as below).
+            plan = prepare_pending(r, server_id, cid, fields, at, self.committer.render) \
+                if fields else None
+        entry = pack_outbox(str(rec["cell"]), server_id, cid, full, at) if plan else None
 
         def work(c: CommandTxn) -> Any:
+            if plan is not None and entry is not None and c.pending_is_current(plan):
+                # The same server as read: the state checks hold; ``extra`` re-checks the
+                # rest (flavor, image, quota) against this transaction.
+                if extra is not None:
+                    extra(eff, c.reader)
+                e = c.put_pending(plan)
+                c.put_outbox_packed(entry)
+                return then(c, e) if then is not None else e
             cur = c.reader.get_server(server_id)
             if cur is None:
                 raise not_found(server_id)
