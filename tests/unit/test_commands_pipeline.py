@@ -94,3 +94,29 @@ def test_groups_follow_each_other_without_the_event_loop(store: Store) -> None:
         loop.close()
     assert gc.commits == 2
     gc.close()
+
+
+def test_the_thread_survives_a_group_that_raised_past_exception(store: Store) -> None:
+    """A work raising a BaseException (not an Exception: not its own outcome) fails its
+    whole group with a 500, nothing written; the committer goes on with the next group."""
+    gc = GroupCommitter(store, None)
+
+    class Boom(BaseException):
+        pass
+
+    def boom(c: CommandTxn) -> None:
+        c.put_outbox("cell1", UUID, "req-boom", {"action": "stop"})
+        raise Boom()
+
+    async def group() -> list[Any]:
+        return list(await asyncio.gather(gc.submit(put(1)), gc.submit(boom),
+                                         return_exceptions=True))
+
+    loop = asyncio.new_event_loop()
+    try:
+        a, b = loop.run_until_complete(group())
+        assert getattr(a, "status", None) == 500 and b is a
+        assert loop.run_until_complete(gc.submit(put(2))) == 1  # nothing of the group stayed
+    finally:
+        loop.close()
+    gc.close()

@@ -178,8 +178,8 @@ class GroupCommitter:
             result: GroupResult | BaseException = run_group(
                 self.store, [w for w, _, _ in group], self.render,
                 lambda kind: self._resize(kind, loop), more=more, max_group=self.max_group)
-        except Exception as exc:  # noqa: BLE001 - resolved into every future
-            result = _store_fault(exc, len(group))
+        except BaseException as exc:  # noqa: BLE001 - resolved into every future; the
+            result = _store_fault(exc, len(group))  # thread goes on with the next group
         if isinstance(result, GroupResult) and result.outbox_written and self.bell is not None:
             wake.ring(self.bell)  # never blocks or raises; the forwarder also polls
         for lp in dict.fromkeys(g[2] for g in group):
