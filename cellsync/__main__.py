@@ -147,6 +147,12 @@ def run_daemon(settings: Settings, ctl: Control) -> int:
         tune_gc()  # after start-up: its objects are frozen out of every later collection
         sync.start_projector(settings["cellsync.workers"])
         log.info("cellsync syncing the cells of %s (bell %s)", data_dir, bell.path)
+        # One round before "ready": the store then knows every cell (and its capacity), so
+        # the API can schedule a create from the moment the master announces it serves.
+        _discover(sync, data_dir)
+        discovered = time.monotonic()
+        sync.sync_round()
+        stats.publish(sync)
         ctl.ready()
         while not ctl.should_stop():
             ctl.beat()

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from fastpath.seed import FLAVORS, IMAGES
+from fastpath.store import Store
 
 openstack = pytest.importorskip("openstack")
 
@@ -27,7 +28,7 @@ WAIT = 60  # seconds: generous, the machine is shared
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from tests.integration.conftest import FastpathServer, free_port, seed_catalog
+    from tests.integration.conftest import FastpathServer, free_port, seed_catalog, wait_until
 
     data = tmp_path_factory.mktemp("sdkcmd") / "data"
     data.mkdir()
@@ -39,6 +40,16 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     )
     server.start()
     try:
+        # The scheduler spreads creates by the capacity the cells report: wait for both.
+        def both_cells_reported() -> bool:
+            store = Store.open(data)
+            try:
+                with store.read() as r:
+                    return sum(1 for e in r.cells().values() if e.get("hosts")) == 2
+            finally:
+                store.close()
+
+        wait_until(both_cells_reported, 60, "both cells' capacity in the store")
         yield server
     finally:
         server.stop()

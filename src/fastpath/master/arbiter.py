@@ -75,6 +75,9 @@ log = logging.getLogger("fastpath.master")
 # more when standalone.cells names more cells, plus room for cells added by a reload.
 SIDECAR_SLOTS = 4
 SIDECAR_SPARE_SLOTS = 4
+# The master announces readiness (stdout, sd_notify READY=1) once the workers and the
+# sidecars are ready, waiting at most this long for the sidecars.
+SIDECAR_READY_WAIT = 30.0
 # A sidecar is restarted on reload only if a setting it reads changed: these prefixes.
 SIDECAR_PREFIXES: dict[int, tuple[str, ...]] = {
     ROLE_CELL: ("cell.", "log."),
@@ -233,6 +236,8 @@ class Master:
         self._family = socket.AF_INET
         self._address: Any = ()
         self._no_slot_logged = False
+        self.started_at = time.monotonic()
+        self._sidecar_wait_logged = False
         self.sidecars: list[Sidecar] = []
         self.sidecar_slots = SIDECAR_SLOTS
 
@@ -782,8 +787,33 @@ class Master:
         n = len(self.indexes)
         return f"serving on {self.url} with {n} workers (generation {self.generation})"
 
+    def _sidecars_ready(self) -> bool:
+        """True once every sidecar is ready, or SIDECAR_READY_WAIT after the start: the
+        standalone cloud answers commands from its first announced second (cellsync has
+        told the store which cells exist), but a sidecar that cannot start must not keep
+        the API from serving reads."""
+        if time.monotonic() - self.started_at >= SIDECAR_READY_WAIT:
+            if not self._sidecar_wait_logged:
+                self._sidecar_wait_logged = True
+                late = [sc.label() for sc in self.sidecars if not sc.removed
+                        and not (sc.pid is not None and self.procs.get(sc.pid) is not None
+                                 and self.procs[sc.pid].ready)]
+                if late:
+                    log.warning("sidecars not ready after %.0f s: %s; serving without waiting",
+                                SIDECAR_READY_WAIT, ", ".join(late))
+            return True
+        for sc in self.sidecars:
+            if sc.removed:
+                continue
+            proc = self.procs.get(sc.pid) if sc.pid is not None else None
+            if proc is None or not proc.ready:
+                return False
+        return True
+
     def _announce(self) -> None:
         if self.announced or self.reload is not None or not self._all_ready():
+            return
+        if not self._sidecars_ready():
             return
         self.announced = True
         n = len(self.indexes)
