@@ -113,7 +113,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from cellsync.projection import ProjectionError, project_change
 from fastpath.api.views import render_server
@@ -554,16 +554,30 @@ class CellSync:
             step = self._begin(cell)
         if isinstance(step, SyncResult):
             return step
+        nxt: _Plan | SyncResult | None = None
+        if step.projected is not None:
+            # Busy: the batch after this one, from where this one leaves the cursor, goes to
+            # a worker before this one is applied (a wrong guess fails the check above).
+            nxt = self._begin(cell, ahead=True, after=step)
         res = self._finish(step)
-        if res.entries:
+        if nxt is None and res.entries:
             nxt = self._begin(cell, ahead=True)
-            if isinstance(nxt, SyncResult) or nxt.entries or nxt.puts:
-                self._ahead[cell] = nxt  # (an idle read is not kept: it would go stale)
+        if isinstance(nxt, SyncResult) or (nxt is not None and (nxt.entries or nxt.puts)):
+            self._ahead[cell] = nxt  # (an idle read is not kept: it would go stale)
         return res
 
-    def _begin(self, cell: str, ahead: bool = False) -> _Plan | SyncResult:
+    @overload
+    def _begin(self, cell: str, ahead: bool = False) -> _Plan | SyncResult: ...
+
+    @overload
+    def _begin(self, cell: str, ahead: bool, after: _Plan) -> _Plan | None: ...
+
+    def _begin(self, cell: str, ahead: bool = False,
+               after: _Plan | None = None) -> _Plan | SyncResult | None:
         """sync_once's first half: the cursor, the feed after it and the checks (a resync
-        when they fail: its result); ``ahead``: the batch's projection goes to a worker."""
+        when they fail: its result); ``ahead``: the batch's projection goes to a worker.
+        ``after``: the batch after that one (not applied yet), from the cursor and mark it
+        will leave; None when any check fails (decided once ``after`` is applied)."""
         db = self.cells[cell]
         st = self._state(cell)
         with self.store.read() as r:
@@ -571,12 +585,19 @@ class CellSync:
             mark = r.cursor_mark(cell)
             known = self._known(r, cell)
         cursor = 0 if c is None else c
+        if after is not None and after.entries:
+            cursor, mark = after.entries[-1].seq, after.entries[-1].at
         limit = st.limit
         feed = db.read_feed(cursor, limit + 1)
-        st.cursor, st.head = cursor, feed.max_seq
+        st.head = feed.max_seq
+        if after is None:
+            st.cursor = cursor
         known_epoch = None if known is None else int(known.get("epoch", 0))
         # The entry at the cursor is not the one applied: the feed was rewritten from there.
         rewritten = bool(mark and feed.after_at and feed.after_at != mark)
+        if after is not None and (cursor > feed.max_seq or rewritten or cursor < feed.min_seq - 1
+                                  or (known_epoch is not None and known_epoch != feed.epoch)):
+            return None
         if (cursor > feed.max_seq or rewritten
                 or (known_epoch is not None and known_epoch > feed.epoch)):
             log.warning("cell %s: went back (cursor %d, feed max %d, entry at cursor %s,"
