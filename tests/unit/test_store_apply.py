@@ -392,6 +392,22 @@ def test_cell_records_never_overwrite_api_owned_fields(store: Store) -> None:
     assert_consistent(store)
 
 
+def test_pending_entries_expire_with_the_next_cell_record(store: Store) -> None:
+    """A prediction whose command the cell never reports done (lost, or beyond the kept
+    done_commands) does not overlay the server forever: past R.PENDING_TTL_US the next
+    cell record of the server drops it; a recent one stays."""
+    store.apply(Batch([up(1, 1)]))
+    now = R.now_us()
+    pending = {"old": {"at": now - R.PENDING_TTL_US - 1, "fields": {"task_state": "rebooting"}},
+               "new": {"at": now, "fields": {"name": "renamed"}}}
+    put_api_fields(store, 1, {"pending": pending})
+    store.apply(Batch([up(1, 2)]), render)
+    with store.read() as r:
+        server = r.get_server(uid(1))
+        assert server is not None and server["pending"] == {"new": pending["new"]}
+    assert_consistent(store)
+
+
 def test_tombstone_removes_api_owned_fields(store: Store) -> None:
     store.apply(Batch([up(1, 1)]))
     put_api_fields(store, 1, {"pending": {"c": {}}})

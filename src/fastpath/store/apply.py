@@ -251,9 +251,12 @@ class Apply:
         api: dict[str, Any] = msgpack.unpackb(stored, raw=False)
         pending: dict[str, Any] = api.get("pending", {})
         done = rec["done_commands"]
-        if pending and done:
-            # The cell executed these commands: its own fields now carry their effect.
-            pending = {cid: v for cid, v in pending.items() if cid not in done}
+        if pending:
+            # The cell executed these commands: its own fields now carry their effect.  An
+            # entry past its TTL goes too (R.PENDING_TTL_US); one without "at" is kept.
+            horizon = R.now_us() - R.PENDING_TTL_US
+            pending = {cid: v for cid, v in pending.items()
+                       if cid not in done and v.get("at", horizon) >= horizon}
         api["pending"] = pending
         if any(api.values()):
             txn.put(u, R.pack(api), db=d.api_fields)

@@ -404,6 +404,12 @@ def status_from_state(vm_state: str, task_state: str | None) -> str:
 NOT_PENDABLE = frozenset(("schema", "uuid", "version", "cell", "project_id", "user_id",
                           "created_at", "updated_at", "done_commands", "pending", "status"))
 PENDABLE: frozenset[str] = frozenset(CELL_FIELDS) - NOT_PENDABLE
+# A pending entry older than this is dropped by the next cell record of its server even if
+# the cell never lists its command as done (a command lost before it reached the cell, or
+# more than ``cell.done_commands_kept`` commands finishing between two syncs): the overlay
+# of a prediction must not outlive the prediction forever.  A cell that is merely down keeps
+# sending nothing, so its servers' overlays stay until it is back.
+PENDING_TTL_US = 3600 * 1_000_000
 
 
 def effective(rec: Mapping[str, Any]) -> Mapping[str, Any]:
