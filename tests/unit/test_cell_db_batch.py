@@ -115,3 +115,25 @@ def test_inside_a_write_transaction_sees_its_own_writes(db: SqliteCellDB) -> Non
     with db.transaction():
         db.update_instance(uuids[0], name="renamed")
         assert db.load_instances(uuids)[uuids[0]]["instance"]["name"] == "renamed"
+
+
+def test_only_the_newest_actions_go_up(db: SqliteCellDB) -> None:
+    """A long history does not make every change of the server cost more: both loaders give
+    the newest ACTIONS_KEPT actions (each with all its events); the cell keeps them all."""
+    from fastpath.cell.db import ACTIONS_KEPT
+
+    uuids = populate(db, 3)
+    extra = ACTIONS_KEPT + 20
+    for k in range(extra):
+        a = db.record_action(uuids[1], f"req-long-{k:04d}", "reboot", "p1", "u1")
+        db.add_action_event(a, "compute_reboot_instance", result="Success")
+    one = db.load_instance(uuids[1])
+    assert one is not None
+    assert len(one["actions"]) == ACTIONS_KEPT
+    assert one["actions"][0]["request_id"] == f"req-long-{extra - 1:04d}"  # newest first
+    assert all(len(a["events"]) == 1 for a in one["actions"])
+    assert db.load_instances(uuids)[uuids[1]] == one
+    with db.transaction():
+        total = db._conn.execute("SELECT COUNT(*) FROM instance_actions WHERE instance_uuid = ?",
+                                 (uuids[1],)).fetchone()[0]
+    assert total > ACTIONS_KEPT

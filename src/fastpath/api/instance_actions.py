@@ -5,7 +5,9 @@ The actions and their events come from the cell's ``instance_actions`` and
 ``instance_actions_events`` tables, carried up by the projection in the server record's
 ``actions`` field (newest first, as Nova lists them: ``created_at`` desc, ``id`` desc).  So a
 request is exactly one read transaction: the server's record (or, from 2.21, the final record
-in its tombstone) holds everything.
+in its tombstone) holds everything.  The record carries the newest
+``fastpath.cell.db.ACTIONS_KEPT`` (100) actions of a server, so every change of a server
+with a long history costs the same; older actions stay in the cell's database only.
 
 Per microversion and policy (Nova's defaults: list/show for the project's members and admins;
 ``events`` and ``events:details`` admin only):

@@ -297,6 +297,10 @@ TRIGGERS: tuple[str, ...] = tuple(
 # (see :meth:`SqliteCellDB.start_epoch`).  2**40 steps per server per epoch never run out.
 EPOCH_SHIFT = 40
 DONE_COMMANDS_KEPT = 50  # default of the setting cell.done_commands_kept
+# The newest instance actions of a server that go up into its record (os-instance-actions
+# lists these): every state change re-reads and re-sends them, so a server's long history
+# must not make each of its changes cost more.  The cell keeps every action.
+ACTIONS_KEPT = 100
 
 Change = tuple[int, str, int, str]  # (seq, uuid, version, kind)
 
@@ -442,23 +446,32 @@ EVENT_COLUMNS = ("action_id", "event", "start_time", "finish_time", "result", "t
 
 
 def _load_actions(c: sqlite3.Connection, uuid: str) -> list[dict[str, Any]]:
-    """The server's instance actions, newest first (Nova: created_at desc, id desc), each
-    with ``events`` (newest first, likewise); the ids stay in the cell (P1)."""
+    """The server's newest :data:`ACTIONS_KEPT` instance actions, newest first (Nova:
+    created_at desc, id desc), each with ``events`` (newest first, likewise); the ids stay
+    in the cell (P1)."""
     actions = [dict(zip(ACTION_COLUMNS, row, strict=True)) for row in c.execute(
         f"SELECT {', '.join(ACTION_COLUMNS)} FROM instance_actions WHERE instance_uuid = ?"
-        " ORDER BY start_time DESC, id DESC", (uuid,))]
+        " ORDER BY start_time DESC, id DESC LIMIT ?", (uuid, ACTIONS_KEPT))]
     by_id: dict[int, list[dict[str, Any]]] = {}
     for a in actions:
         a["events"] = by_id.setdefault(a.pop("id"), [])
+    _load_events(c, by_id, "e.start_time DESC, e.id DESC")
+    return actions
+
+
+def _load_events(c: sqlite3.Connection, by_id: dict[int, list[dict[str, Any]]],
+                 order: str) -> None:
+    """Append the events of the actions ``by_id`` (action id -> its events list)."""
+    if not by_id:
+        return
     for row in c.execute(
             f"SELECT {', '.join('e.' + x for x in EVENT_COLUMNS)} FROM instance_actions_events e"
-            " JOIN instance_actions a ON a.id = e.action_id WHERE a.instance_uuid = ?"
-            " ORDER BY e.start_time DESC, e.id DESC", (uuid,)):
+            f" WHERE e.action_id IN (SELECT value FROM json_each(?)) ORDER BY {order}",
+            (json.dumps(list(by_id)),)):
         event = dict(zip(EVENT_COLUMNS, row, strict=True))
         events = by_id.get(event.pop("action_id"))
         if events is not None:
             events.append(event)
-    return actions
 
 
 def _dumps(v: Any) -> str:
@@ -1331,21 +1344,15 @@ class SqliteCellDB(CellDB):
                     " ORDER BY instance_uuid, finished_at, command_id", keep):
                 out[u]["done_commands"].append(cid)
             events: dict[int, list[dict[str, Any]]] = {}
-            for row in each(f"SELECT instance_uuid, {', '.join(ACTION_COLUMNS)}"
-                            f" FROM instance_actions WHERE {batch}"
-                            " ORDER BY instance_uuid, start_time DESC, id DESC"):
+            for row in each(f"SELECT instance_uuid, {', '.join(ACTION_COLUMNS)} FROM"
+                            f" (SELECT *, ROW_NUMBER() OVER (PARTITION BY instance_uuid"
+                            " ORDER BY start_time DESC, id DESC) AS n FROM instance_actions"
+                            f" WHERE {batch}) WHERE n <= ?"
+                            " ORDER BY instance_uuid, start_time DESC, id DESC", ACTIONS_KEPT):
                 action = dict(zip(ACTION_COLUMNS, row[1:], strict=True))
                 action["events"] = events.setdefault(action.pop("id"), [])
                 out[row[0]]["actions"].append(action)
-            if events:
-                for row in each(
-                        f"SELECT {', '.join('e.' + x for x in EVENT_COLUMNS)}"
-                        " FROM instance_actions_events e JOIN instance_actions a"
-                        " ON a.id = e.action_id WHERE a.instance_uuid IN"
-                        " (SELECT value FROM json_each(?))"
-                        " ORDER BY e.action_id, e.start_time DESC, e.id DESC"):
-                    event = dict(zip(EVENT_COLUMNS, row, strict=True))
-                    events[event.pop("action_id")].append(event)
+            _load_events(c, events, "e.action_id, e.start_time DESC, e.id DESC")
         return {u: out[u] for u in dict.fromkeys(uuids) if u in out}
 
     @contextmanager
