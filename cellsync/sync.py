@@ -133,6 +133,8 @@ from fastpath.store.record import now_us
 
 log = logging.getLogger("cellsync")
 
+ACK_REFRESH = 300.0  # seconds between acks of an unchanged cursor (see CellSync._maybe_ack)
+
 HOST_FIELDS = ("vcpus", "ram_mb", "disk_gb", "vcpus_used", "ram_mb_used", "disk_gb_used",
                "status", "availability_zone")
 # The time budget never shrinks a batch below this: a commit has a fixed cost (its fsyncs)
@@ -512,7 +514,12 @@ class CellSync:
 
     def _maybe_ack(self, cell: str, db: CellDB, st: CellStats) -> None:
         now = self.clock()
-        if st.acked == st.cursor or now - st.acked_when < self.ack_interval:
+        if now - st.acked_when < self.ack_interval:
+            return
+        # An unchanged cursor is acked again every ACK_REFRESH seconds: an idle consumer is
+        # still a live one, and the cell must not count it out (cell.consumer_timeout) and
+        # prune past it, which would cost it a needless resync at its next change.
+        if st.acked == st.cursor and now - st.acked_when < max(self.ack_interval, ACK_REFRESH):
             return
         try:
             db.ack(self.consumer, st.cursor)

@@ -301,6 +301,29 @@ def test_cursor_is_acked_and_the_feed_pruned_then_a_stale_consumer_resyncs(
         other.close()
 
 
+def test_an_idle_consumer_keeps_acking_its_cursor(
+        env: tuple[Store, dict[str, SqliteCellDB]]) -> None:
+    """An idle but live cellsync acks its unchanged cursor again every ACK_REFRESH seconds,
+    so the cell does not count it out after cell.consumer_timeout and prune past it."""
+    from cellsync.sync import ACK_REFRESH
+
+    store, cells = env
+    db = cells["cell1"]
+    clock = [1000.0]
+    s = CellSync(store, {"cell1": db}, consumer="api-1", ack_interval=1, clock=lambda: clock[0])
+    create(db, 1)
+    s.run_until_idle()
+    first = db.consumers()["api-1"]
+    clock[0] += ACK_REFRESH / 2
+    time.sleep(0.002)  # the cell stamps acks with its own clock: let it move
+    s.sync_once("cell1")
+    assert db.consumers()["api-1"] == first  # nothing new, not yet due
+    clock[0] += ACK_REFRESH
+    s.sync_once("cell1")
+    seq, seen = db.consumers()["api-1"]
+    assert seq == first[0] and seen > first[1]
+
+
 def test_done_commands_keep_the_last_n(env: tuple[Store, dict[str, SqliteCellDB]]) -> None:
     store, cells = env
     db = cells["cell1"]
