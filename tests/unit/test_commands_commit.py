@@ -182,8 +182,10 @@ def test_pending_shows_at_once_and_survives_cell_updates_until_done(store: Store
     store.apply(Batch([Upsert(UUID, 1, rec)]), render=views.render_server)
     gc = GroupCommitter(store, views.render_server)
 
+    at = R.now_us()  # a live prediction (R.PENDING_TTL_US drops old ones)
+
     def reboot(c: CommandTxn) -> str:
-        eff = c.set_pending(UUID, "req-r", {"task_state": "rebooting"}, at=10)
+        eff = c.set_pending(UUID, "req-r", {"task_state": "rebooting"}, at=at)
         c.put_outbox("cell1", UUID, "req-r", {"action": "reboot", "type": "SOFT"})
         return str(eff["status"])
 
@@ -193,7 +195,7 @@ def test_pending_shows_at_once_and_survives_cell_updates_until_done(store: Store
         stored = r.get_server(UUID)
         assert stored is not None
         assert stored["task_state"] is None  # the cell's own field is untouched
-        assert stored["pending"] == {"req-r": {"at": 10, "fields": {"task_state": "rebooting"}}}
+        assert stored["pending"] == {"req-r": {"at": at, "fields": {"task_state": "rebooting"}}}
         assert not r.check()
     # A cell update that does not list the command keeps the overlay.
     store.apply(Batch([Upsert(UUID, 2, sample_record(UUID, 2, name="renamed"))]),

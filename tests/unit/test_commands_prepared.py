@@ -102,10 +102,11 @@ def test_api_fields_of_the_record_are_dropped_as_apply_does(stores: tuple[Store,
 
 
 def test_stray_api_fields_take_apply_path(stores: tuple[Store, Store]) -> None:
+    at = R.now_us()  # a live prediction (R.PENDING_TTL_US drops old ones), the same in both
     for s in stores:
         with s._env.begin(write=True) as txn:
             txn.put(L.uuid_key(U1), R.pack({"pending": {"req-y": {
-                "at": 5, "fields": {"task_state": "rebooting"}}}}), db=s.dbs.api_fields)
+                "at": at, "fields": {"task_state": "rebooting"}}}}), db=s.dbs.api_fields)
     both(stores, [provisional(U1)])
     with stores[1].read() as r:
         got = r.get_server(U1)
