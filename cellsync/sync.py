@@ -143,6 +143,9 @@ MIN_BATCH = 32
 PURGE_INTERVAL = 600.0  # seconds between two tombstone purges
 TRIM_EVERY = 8  # while busy, trim the changes log once per this many batches applied...
 TRIM_CHUNK = 2  # ...covering this many batches' worth of changes (see housekeeping)
+# A cell behind by more than this many batches (``batch``) is drained in larger transactions
+# (``backlog_batch`` under ``backlog_txn_budget``): fewer durable commits per change.
+BACKLOG_BATCHES = 2
 
 
 @dataclass
@@ -362,7 +365,8 @@ class CellSync:
     """
 
     def __init__(self, store: Store, cells: Mapping[str, CellDB], batch: int = 500, *,
-                 txn_budget: float = 0.020, consumer: str | None = None,
+                 txn_budget: float = 0.020, backlog_batch: int | None = None,
+                 backlog_txn_budget: float | None = None, consumer: str | None = None,
                  ack_interval: float = 1.0, tombstone_retention: float | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         if batch < 1:
@@ -371,6 +375,9 @@ class CellSync:
         self.cells: dict[str, CellDB] = dict(cells)
         self.batch = batch
         self.txn_budget = txn_budget
+        # A cell behind by more than BACKLOG_BATCHES batches: larger transactions (below).
+        self.backlog_batch = max(batch, backlog_batch or batch)
+        self.backlog_txn_budget = max(txn_budget, backlog_txn_budget or txn_budget)
         self.consumer = consumer or default_consumer(store.path)
         self.ack_interval = ack_interval
         self.tombstone_retention = tombstone_retention
@@ -402,6 +409,8 @@ class CellSync:
                       settings: Mapping[str, Any]) -> CellSync:
         return cls(store, cells, settings["cellsync.batch"],
                    txn_budget=settings["cellsync.txn_budget_ms"] / 1000.0,
+                   backlog_batch=settings["cellsync.backlog_batch"],
+                   backlog_txn_budget=settings["cellsync.backlog_txn_budget_ms"] / 1000.0,
                    consumer=settings["cellsync.consumer"] or None,
                    ack_interval=settings["cellsync.ack_interval"],
                    tombstone_retention=settings["store.tombstone_retention"])
@@ -454,18 +463,28 @@ class CellSync:
     def _apply(self, st: CellStats, batch: Batch,
                render: Callable[[Mapping[str, Any]], dict[bytes, bytes]] | None = None
                ) -> ApplySummary:
-        """One write transaction; adjusts the cell's batch size to the time budget."""
+        """One write transaction; adjusts the cell's batch size to the time budget (the
+        backlog budget and size while the cell is behind, see :meth:`_behind`)."""
+        behind = self._behind(st)
+        budget = self.backlog_txn_budget if behind else self.txn_budget
+        cap = self.backlog_batch if behind else self.batch
+        st.limit = min(st.limit, cap)  # caught up: back to the usual size at once
         t0 = time.perf_counter()
         summary = self.store.apply(batch, render=render or render_server)
         took = time.perf_counter() - t0
-        if took > self.txn_budget and st.limit > MIN_BATCH:
+        if took > budget and st.limit > MIN_BATCH:
             # In proportion, at most halving: part of ``took`` is the commit's fixed cost.
-            st.limit = max(MIN_BATCH, int(st.limit * max(0.5, self.txn_budget / took)))
-        elif took < self.txn_budget / 2 and st.limit < self.batch:
-            st.limit = min(self.batch, st.limit * 2)
+            st.limit = max(MIN_BATCH, int(st.limit * max(0.5, budget / took)))
+        elif took < budget / 2 and st.limit < cap:
+            st.limit = min(cap, st.limit * 2)
         st.applied_total += summary.applied + summary.tombstoned
         self._since_trim += summary.applied + summary.tombstoned
         return summary
+
+    def _behind(self, st: CellStats) -> bool:
+        """The cell is behind by more than :data:`BACKLOG_BATCHES` batches (as last read):
+        its batches may grow to ``backlog_batch`` under ``backlog_txn_budget``."""
+        return st.head - st.cursor > BACKLOG_BATCHES * self.batch
 
     def housekeeping(self, idle: bool = False) -> None:
         """The store's upkeep that comes with applying, each in its own short write txn:
@@ -594,7 +613,8 @@ class CellSync:
         cursor = 0 if c is None else c
         if after is not None and after.entries:
             cursor, mark = after.entries[-1].seq, after.entries[-1].at
-        limit = st.limit
+        # A backlog's larger batches end as soon as the cell is no longer behind.
+        limit = st.limit if self._behind(st) else min(st.limit, self.batch)
         feed = db.read_feed(cursor, limit + 1)
         st.head = feed.max_seq
         if after is None:
@@ -733,7 +753,7 @@ class CellSync:
         todo: list[str | Tombstone] = [*(u for u, _, _ in versions), *orphans]
         i = 0
         while True:
-            chunk = todo[i:i + st.limit]
+            chunk = todo[i:i + min(st.limit, self.batch)]
             i += len(chunk)
             changes = self._project(cell, db, [u for u in chunk if isinstance(u, str)], res)
             res.servers += len(changes)

@@ -353,6 +353,19 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=1, maximum=10000,
     ),
     Setting(
+        "cellsync.backlog_batch", int, 2000,
+        "Most change-feed entries in one cellsync write transaction while a cell is behind "
+        "by more than two cellsync.batch (fewer durable commits per change); back to "
+        "cellsync.batch as soon as it is not.",
+        minimum=1, maximum=100000,
+    ),
+    Setting(
+        "cellsync.backlog_txn_budget_ms", float, 50.0,
+        "Target time of one cellsync write transaction while a cell is behind (see "
+        "cellsync.backlog_batch); API commands wait for the same single LMDB writer.",
+        minimum=1, maximum=10000,
+    ),
+    Setting(
         "cellsync.workers", int, 2,
         "Worker processes in which the cellsync daemon reads, projects and renders busy "
         "cells' next batches while it applies the other cells' (0: all in its own process).",

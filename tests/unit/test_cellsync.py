@@ -444,6 +444,24 @@ def test_batches_shrink_to_the_time_budget_and_grow_back(
     assert_clean(store, {"cell1": db})
 
 
+def test_a_backlog_is_drained_in_larger_batches_then_back_to_the_usual_size(
+        env: tuple[Store, dict[str, SqliteCellDB]]) -> None:
+    store, cells = env
+    db = cells["cell1"]
+    with db.transaction():
+        for i in range(200):
+            create(db, i)
+    s = CellSync(store, {"cell1": db}, batch=10, txn_budget=60.0, backlog_batch=40,
+                 backlog_txn_budget=60.0)
+    sizes = [s.sync_once("cell1").entries for _ in range(7)]
+    # Behind by more than two batches: doubling up to backlog_batch; within two batches of
+    # the head: the usual size again at once.
+    assert sizes == [10, 20, 40, 40, 40, 40, 10]
+    assert s._state("cell1").limit == 10
+    assert s.sync_once("cell1").entries == 0
+    assert_clean(store, {"cell1": db})
+
+
 # -- any fault sequence ends with zero divergence (Hypothesis) ----------------------------------
 # (kind, n): create/update/delete server n; sync n rounds; backup or restore the cell file;
 # prune the feed up to max seq - n; rewind the store's cursor by n and replay.
