@@ -62,9 +62,11 @@ cell file, projects them and renders their views while the other cells' batches 
 applied.  The applying process keeps every decision: the feed checks above run on the
 batch as read (the store's cursor for the cell is read again before it is applied, and a
 batch read from a cursor that has moved since is read again), and the batch goes into the
-store with its cursor in one write transaction as in ``sync_once``.  Views rendered ahead
-are used only for a record the store renders as it came (no pending commands to overlay:
-:func:`prerendered`).  A worker that fails only means the batch is projected in process.
+store with its cursor in one write transaction as in ``sync_once``.  The worker hands back
+:class:`~fastpath.store.Prepared` changes (record, index entry and views as bytes, see
+:func:`project_servers`); the store merges and renders again in the write transaction
+only for a server with API-owned values (pending commands to overlay).  A worker that fails
+only means the batch is projected in process.
 
 Consumers and feed pruning
 --------------------------
@@ -123,10 +125,12 @@ from fastpath.store import (
     Batch,
     Catalog,
     CatalogPut,
+    Prepared,
     Reader,
     Store,
     Tombstone,
     Upsert,
+    prepare_upsert,
 )
 from fastpath.store import layout as L
 from fastpath.store.record import now_us
@@ -203,19 +207,22 @@ def tune_gc() -> None:
 class Projected:
     """The changes of a batch of servers (:func:`project_servers`), and the servers left out:
     ``missing`` (the feed names them, the cell has no row) and ``errors`` ((uuid, problem):
-    rows that make no valid record).  ``views``: when rendered ahead, each change's views
-    (``render_server`` of its record; None for a tombstone), in the order of ``changes``."""
+    rows that make no valid record)."""
 
-    changes: list[Upsert | Tombstone]
+    changes: list[Prepared | Tombstone]
     missing: list[str]
     errors: list[tuple[str, str]]
-    views: list[dict[bytes, bytes] | None] | None = None
 
 
-def project_servers(cell: str, db: CellDB, uuids: Sequence[str],
-                    render: bool = False) -> Projected:
-    """The current change of each server, rows read in one cell read when possible;
-    ``render``: with each upsert's views rendered (see :func:`prerendered`)."""
+def project_servers(cell: str, db: CellDB, uuids: Sequence[str]) -> Projected:
+    """The current change of each server, rows read in one cell read when possible.
+
+    A live server's change is :class:`~fastpath.store.Prepared`: its record packed, its
+    index entry packed and its views rendered here, so that the store's write transaction
+    only checks versions and puts bytes -- and so that a projector worker hands the
+    applying process bytes, not records to unpickle (issue 6: the applier's CPU per change
+    is what bounds the pipeline).
+    """
     many = getattr(db, "load_instances", None)
     if callable(many):
         loaded: Mapping[str, Any] = many(uuids)
@@ -229,31 +236,13 @@ def project_servers(cell: str, db: CellDB, uuids: Sequence[str],
             out.missing.append(uuid)
             continue
         try:
-            out.changes.append(project_change(rows, cell))
+            ch = project_change(rows, cell)
         except ProjectionError as exc:
             out.errors.append((uuid, str(exc)))
-    if render:
-        out.views = [render_server(ch.record) if isinstance(ch, Upsert) else None
-                     for ch in out.changes]
+            continue
+        out.changes.append(prepare_upsert(ch.record, render_server) if isinstance(ch, Upsert)
+                           else ch)
     return out
-
-
-def prerendered(projected: Projected) -> Callable[[Mapping[str, Any]], dict[bytes, bytes]]:
-    """The renderer for ``Store.apply`` of ``projected.changes``: the views rendered ahead
-    for a record the store renders as it came (the same object: no API-owned fields are
-    stored for the server, so its effective record is the change's record), else
-    ``render_server`` (pending commands overlaid: rendered here, from the merged record)."""
-    ahead = {id(ch.record): (ch.record, v)
-             for ch, v in zip(projected.changes, projected.views or (), strict=False)
-             if v is not None}
-
-    def render(rec: Mapping[str, Any]) -> dict[bytes, bytes]:
-        got = ahead.get(id(rec))
-        if got is not None and got[0] is rec:
-            return got[1]
-        return render_server(rec)
-
-    return render
 
 
 # -- the projector: cell reads and projections in worker processes -------------------------
@@ -277,7 +266,7 @@ def _worker_project(path: str, cell: str, uuids: list[str]) -> Projected:
     db = _worker_cells.get(path)
     if db is None:
         db = _worker_cells[path] = SqliteCellDB(path)
-    return project_servers(cell, db, uuids, render=True)
+    return project_servers(cell, db, uuids)
 
 
 class Projector:
@@ -460,9 +449,7 @@ class CellSync:
         return out
 
     # -- helpers ---------------------------------------------------------------------------
-    def _apply(self, st: CellStats, batch: Batch,
-               render: Callable[[Mapping[str, Any]], dict[bytes, bytes]] | None = None
-               ) -> ApplySummary:
+    def _apply(self, st: CellStats, batch: Batch) -> ApplySummary:
         """One write transaction; adjusts the cell's batch size to the time budget (the
         backlog budget and size while the cell is behind, see :meth:`_behind`)."""
         behind = self._behind(st)
@@ -470,7 +457,7 @@ class CellSync:
         cap = self.backlog_batch if behind else self.batch
         st.limit = min(st.limit, cap)  # caught up: back to the usual size at once
         t0 = time.perf_counter()
-        summary = self.store.apply(batch, render=render or render_server)
+        summary = self.store.apply(batch, render=render_server)
         took = time.perf_counter() - t0
         if took > budget and st.limit > MIN_BATCH:
             # In proportion, at most halving: part of ``took`` is the commit's fixed cost.
@@ -518,7 +505,7 @@ class CellSync:
                              self.tombstone_retention)
 
     def _project(self, cell: str, db: CellDB, uuids: Sequence[str], res: SyncResult,
-                 projected: Projected | None = None) -> list[Upsert | Tombstone]:
+                 projected: Projected | None = None) -> list[Prepared | Tombstone]:
         """The current change of each server (:func:`project_servers`, unless ``projected``
         already holds them); the servers left out are counted in ``res`` and logged."""
         got = project_servers(cell, db, uuids) if projected is None else projected
@@ -674,8 +661,7 @@ class CellSync:
             # created while this consumer was away and the store purged old tombstones.
             summary = self._apply(st, Batch(changes, cursor=None if last is None else (cell, last),
                                             catalog=plan.puts, repair=True,
-                                            cursor_mark=entries[-1].at if entries else 0),
-                                  None if projected is None else prerendered(projected))
+                                            cursor_mark=entries[-1].at if entries else 0))
             res.servers = len(changes)
             res.summaries.append(summary)
             if last is not None:
@@ -755,7 +741,8 @@ class CellSync:
         while True:
             chunk = todo[i:i + min(st.limit, self.batch)]
             i += len(chunk)
-            changes = self._project(cell, db, [u for u in chunk if isinstance(u, str)], res)
+            changes: list[Prepared | Tombstone] = self._project(
+                cell, db, [u for u in chunk if isinstance(u, str)], res)
             res.servers += len(changes)
             changes += [t for t in chunk if isinstance(t, Tombstone)]
             if i < len(todo):

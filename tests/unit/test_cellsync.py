@@ -713,17 +713,37 @@ def test_projector_workers_leave_with_a_killed_parent(tmp_path: Path) -> None:
         time.sleep(0.1)
 
 
-def test_views_rendered_ahead_serve_only_the_very_record_they_came_with() -> None:
-    from cellsync.sync import Projected, prerendered
-    from fastpath.store import Upsert
+def test_prepared_changes_overlay_pending_commands_in_the_store(
+        env: tuple[Store, dict[str, SqliteCellDB]]) -> None:
+    """project_servers hands the store Prepared changes (record, index entry and views
+    packed by a worker); a server with a pending command in the store is merged and
+    rendered again in the write transaction: its views show the command's effect (the
+    store's own tests follow it until the cell reports the command done)."""
+    from cellsync.sync import project_servers
+    from fastpath.store import Prepared
+    from fastpath.store import record as R
 
-    rec = sample_record(uid(1), seed=1)
-    ahead = {b"v": b"rendered ahead"}
-    render = prerendered(Projected([Upsert(uid(1), rec["version"], rec)], [], [], [ahead]))
-    assert render(rec) is ahead
-    # The store merged API-owned fields (a pending command): it renders the effective
-    # record, another object, rendered now.
-    eff = effective(dict(rec, pending={"c1": {"at": 1, "fields": {"name": "new"}}}))
-    assert eff["name"] == "new"
-    assert render(eff) == render_server(eff) != ahead
-    assert render(dict(rec)) == render_server(rec)  # equal is not enough: the same object
+    store, cells = env
+    db = cells["cell1"]
+    u = create(db, 1)
+    got = project_servers("cell1", db, [u])
+    assert [type(c) for c in got.changes] == [Prepared] and not got.missing
+    sync = CellSync(store, cells)
+    sync.run_until_idle()
+    pending = {"cmd-1": {"at": now_us(), "fields": {"task_state": "rebooting"}}}
+    store._write(lambda txn: txn.put(L.uuid_key(u), R.pack({"pending": pending}),
+                                     db=store.dbs.api_fields))
+    db.update_instance(u, name="renamed")
+    sync.run_until_idle()
+
+    def shown() -> tuple[dict[bytes, bytes], dict[str, object]]:
+        with store.read() as r:
+            rec = r.get_server(u)
+            assert rec is not None
+            return {k: bytes(v) for k, v in r.views(u).items()}, rec
+
+    views, rec = shown()
+    assert rec["name"] == "renamed" and rec["pending"] == pending
+    assert views == render_server(effective(rec))
+    assert effective(rec)["status"] == "REBOOT"
+    assert_clean(store, cells)

@@ -19,6 +19,7 @@ from fastpath.store import (
     Store,
     Tombstone,
     Upsert,
+    prepare_upsert,
 )
 from fastpath.store import layout as L
 from fastpath.store import record as R
@@ -390,6 +391,48 @@ def test_cell_records_never_overwrite_api_owned_fields(store: Store) -> None:
         server = r.get_server(uid(2))
         assert server is not None and server["pending"] == {}
     assert_consistent(store)
+
+
+def test_prepared_upserts_store_what_upserts_store(tmp_path: Path) -> None:
+    """A Prepared upsert (packed ahead, as cellsync's workers send them) leaves the store
+    byte for byte as the Upsert of the same record does: new servers, updates, a move to
+    another project and cell, a stale one, one over a tombstone, one carrying API-owned
+    values (dropped), and servers with pending commands (merged and rendered in the
+    transaction from the effective record, with apply's renderer)."""
+    now = R.now_us()
+    pending = {"c1": {"at": now, "fields": {"task_state": "rebooting", "name": "renamed"}},
+               "c2": {"at": now, "fields": {"name": "x"}}}
+    steps: list[list[dict[str, Any]]] = [
+        [rec(1, 1), rec(2, 1, P2), rec(3, 1)],
+        [rec(1, 2), rec(2, 3, P1, cell="cell2"), rec(3, 1)],  # moved; a stale replay
+        [rec(1, 4, done_commands=["c2"]), rec(4, 5, pending={"evil": {}})],
+        [rec(3, 7)],  # after its tombstone (below) at 6: lives again
+    ]
+    stores = [Store.open(tmp_path / n, map_size=64 << 20, sync=False, metasync=False)
+              for n in ("upsert", "prepared")]
+    try:
+        for store, prepared in zip(stores, (False, True), strict=True):
+            for n, step in enumerate(steps):
+                changes = [prepare_upsert(r, render) if prepared else Upsert(r["uuid"],
+                           r["version"], r) for r in step]
+                s = store.apply(Batch(changes, cursor=("cell1", n)), render)
+                assert s.applied + s.skipped_stale == len(step)
+                if n == 0:
+                    put_api_fields(store, 1, {"pending": pending})
+                if n == 2:
+                    store.apply(Batch([tomb(3, 6)]))
+        assert logical(stores[0]) == logical(stores[1])
+        with stores[1].read() as r:
+            one = r.get_server(uid(1))
+            assert one is not None and one["pending"] == {"c1": pending["c1"]}
+            views = {k: bytes(v) for k, v in r.views(uid(1)).items()}
+            assert views == render(R.effective(one)) and views[b"name"] == b"renamed"
+            four = r.get_server(uid(4))
+            assert four is not None and four["pending"] == {}
+            assert r.check() == []
+    finally:
+        for store in stores:
+            store.close()
 
 
 def test_pending_entries_expire_with_the_next_cell_record(store: Store) -> None:

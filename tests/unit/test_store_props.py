@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from fastpath.store import Batch, Store, Tombstone, Upsert
+from fastpath.store import Batch, Prepared, Store, Tombstone, Upsert, prepare_upsert
 from fastpath.store import layout as L
 from fastpath.store.samples import EPOCH_2024, sample_record
 
@@ -28,7 +28,9 @@ PROJECTS = ("p-even", "p-odd")
 CELLS = ("cell-a", "cell-b")
 FAST: dict[str, Any] = {"sync": False, "metasync": False, "map_size": 32 << 20}
 
-Change = tuple[str, int, int]  # ("up" | "tomb", server index, version)
+# ("up" | "prep" | "tomb", server index, version); "prep": the same upsert as "up", packed
+# ahead (store.Prepared, as cellsync's workers send it).
+Change = tuple[str, int, int]
 
 
 def uid(i: int) -> str:
@@ -54,10 +56,12 @@ def record_for(i: int, v: int, deleted: bool = False) -> dict[str, Any]:
     )
 
 
-def to_change(c: Change) -> Upsert | Tombstone:
+def to_change(c: Change) -> Upsert | Prepared | Tombstone:
     kind, i, v = c
     if kind == "up":
         return Upsert(uid(i), v, record_for(i, v))
+    if kind == "prep":
+        return prepare_upsert(record_for(i, v), render)
     final = record_for(i, v, deleted=True) if v % 2 else None  # with and without a record
     return Tombstone(uid(i), v, PROJECTS[i % 2], created(i), EPOCH_2024 + 10**6 + v * 10 + i + 5,
                      final)
@@ -81,7 +85,7 @@ def winners(changes: list[Change]) -> dict[int, Change]:
 
 
 changes_st = st.tuples(
-    st.sampled_from(["up", "up", "tomb"]), st.integers(0, NSERVERS - 1), st.integers(0, MAXV)
+    st.sampled_from(["up", "prep", "tomb"]), st.integers(0, NSERVERS - 1), st.integers(0, MAXV)
 )
 
 
@@ -167,7 +171,7 @@ class StoreMachine(RuleBasedStateMachine):
                     assert server is None and tomb is None and views == {}
                     continue
                 kind, _, v = best[i]
-                if kind == "up":
+                if kind != "tomb":
                     assert server == record_for(i, v) and tomb is None
                     assert views == render(server)
                     live[PROJECTS[i % 2]].add(uid(i))
@@ -179,7 +183,7 @@ class StoreMachine(RuleBasedStateMachine):
                 assert {L.uuid_str(u) for u in r.page(p)} == live[p]
             for cell in CELLS:  # each live server under its winning record's cell only
                 want = {(uid(i), best[i][2]) for i in best
-                        if best[i][0] == "up" and CELLS[(best[i][2] // 2) % 2] == cell}
+                        if best[i][0] != "tomb" and CELLS[(best[i][2] // 2) % 2] == cell}
                 assert {(L.uuid_str(u), h.version) for u, h in r.cell_servers(cell)} == want
             current = {L.uuid_str(c.uuid) for c in r.changes()}
             assert current == {uid(i) for i in best}

@@ -16,9 +16,11 @@ from fastpath.store.changes import (
     Batch,
     Catalog,
     CatalogPut,
+    Prepared,
     Renderer,
     Tombstone,
     Upsert,
+    prepare_upsert,
 )
 from fastpath.store.errors import (
     MarkerNotFound,
@@ -41,6 +43,7 @@ __all__ = [
     "ChangedEntry",
     "IndexEntry",
     "MarkerNotFound",
+    "Prepared",
     "Reader",
     "RecordError",
     "Renderer",
@@ -55,4 +58,5 @@ __all__ = [
     "TxnCounters",
     "Upsert",
     "make_record",
+    "prepare_upsert",
 ]

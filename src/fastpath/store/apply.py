@@ -41,6 +41,7 @@ from fastpath.store.changes import (
     Batch,
     Catalog,
     CatalogPut,
+    Prepared,
     Renderer,
     Tombstone,
     Upsert,
@@ -52,6 +53,7 @@ from fastpath.store.errors import RecordError
 log = logging.getLogger("fastpath.store")
 
 _NIL = b"\xc0"  # msgpack nil: a tombstone without a final record
+Frame = bytes | memoryview  # a stored frame (layout.pack_frame)
 
 
 class Apply:
@@ -74,7 +76,9 @@ class Apply:
             self.horizon = int(L.U64.unpack(h)[0]) if h is not None else 0
         for ch in batch.changes:
             try:
-                if type(ch) is Upsert:
+                if type(ch) is Prepared:
+                    self.prepared(ch)
+                elif type(ch) is Upsert:
                     self.upsert(ch)
                 elif type(ch) is Tombstone:
                     self.tombstone(ch)
@@ -95,7 +99,6 @@ class Apply:
 
     # -- servers ---------------------------------------------------------------------------------
     def upsert(self, ch: Upsert) -> None:
-        d, txn, summary = self.d, self.txn, self.summary
         u = L.uuid_key(ch.uuid)
         rec = ch.record
         version = ch.version
@@ -103,71 +106,111 @@ class Apply:
             raise RecordError(
                 f"upsert {ch.uuid} v{version}: the record says {rec['uuid']} v{rec['version']}"
             )
+        admitted, old = self.admit(u, version, rec["updated_at"])
+        if admitted:
+            self.store_record(u, old, rec)
+
+    def prepared(self, ch: Prepared) -> None:
+        """An Upsert packed ahead (:class:`Prepared`): the same checks and the same writes,
+        from its bytes; through :meth:`store_record` when API-owned values are stored."""
+        d, txn = self.d, self.txn
+        u = L.uuid_key(ch.uuid)
+        admitted, old = self.admit(u, ch.version, ch.updated_at)
+        if not admitted:
+            return
+        if txn.get(u, db=d.api_fields) is not None:
+            rec = R.unpack(ch.body)
+            if rec.get("version") != ch.version or rec.get("uuid") != ch.uuid:
+                raise RecordError(f"prepared upsert {ch.uuid} v{ch.version}: its body says "
+                                  f"{rec.get('uuid')} v{rec.get('version')}")
+            self.store_record(u, old, rec)
+            return
+        project = L.name_bytes(ch.project_id, "project_id")
+        self.write_live(u, old, ch.version, ch.created_at, ch.updated_at, project, ch.project_id,
+                        ch.cell, ch.body, ch.index, ch.vcpus, ch.ram)
+        self.put_views(u, ch.views)
+        self.summary.applied += 1
+
+    def admit(self, u: bytes, version: int, updated_at: int) -> tuple[bool, Frame | None]:
+        """The version rule for an upsert of ``u`` at ``version``: (False, None) when it is
+        refused (counted in the summary), else (True, the stored frame it replaces or None).
+        A tombstone it beats is dropped here."""
+        d, txn, summary = self.d, self.txn, self.summary
         old = txn.get(u, db=d.servers)
         if old is not None:
-            old_version, old_created, old_updated, old_project, _ = L.unpack_frame_head(old)
-            if version <= old_version:
+            if version <= L.unpack_frame_head(old)[0]:
                 summary.skipped_stale += 1
-                return
-        else:
-            tomb = txn.get(u, db=d.tombstones)
-            if tomb is not None:
-                tomb_version, _, deleted_at, _, _ = L.unpack_frame_head(tomb)
-                if tomb_version >= version:
-                    summary.skipped_stale += 1
-                    summary.blocked_by_tombstone += 1
-                    return
-                # Newer than its deletion: the cell says the server lives (e.g. it moved in
-                # from another cell); the highest version decides, so the tombstone goes.
-                self.drop_tombstone(u, deleted_at)
-            elif self.horizon and rec["updated_at"] < self.horizon:
-                # Unknown and older than the purged tombstones: maybe a stale update of a
-                # server whose tombstone is gone (P4).  Anti-entropy passes Batch.repair.
+                return False, None
+            return True, old
+        tomb = txn.get(u, db=d.tombstones)
+        if tomb is not None:
+            tomb_version, _, deleted_at, _, _ = L.unpack_frame_head(tomb)
+            if tomb_version >= version:
                 summary.skipped_stale += 1
-                return
+                summary.blocked_by_tombstone += 1
+                return False, None
+            # Newer than its deletion: the cell says the server lives (e.g. it moved in
+            # from another cell); the highest version decides, so the tombstone goes.
+            self.drop_tombstone(u, deleted_at)
+        elif self.horizon and updated_at < self.horizon:
+            # Unknown and older than the purged tombstones: maybe a stale update of a
+            # server whose tombstone is gone (P4).  Anti-entropy passes Batch.repair.
+            summary.skipped_stale += 1
+            return False, None
+        return True, None
 
+    def store_record(self, u: bytes, old: Frame | None, rec: Mapping[str, Any]) -> None:
+        """Write an admitted upsert's record, index entries and views."""
         rec = self.merge_api_fields(u, rec)
         # Indexes and views show the effective record (pending commands overlaid,
         # docs/commands.md); the frame keeps the cell's fields and ``pending`` apart.
         eff = R.effective(rec)
-        project = L.name_bytes(rec["project_id"], "project_id")
-        created, updated = rec["created_at"], rec["updated_at"]
-        ival = R.pack_index(R.index_entry(eff))
-        txn.put(u, L.pack_frame(version, created, updated, project, R.pack(rec)), db=d.servers)
-        cell_key = L.by_cell_key(L.name_bytes(rec["cell"], "cell"), u)
+        flavor = eff["flavor"]
+        self.write_live(u, old, rec["version"], rec["created_at"], rec["updated_at"],
+                        L.name_bytes(rec["project_id"], "project_id"), rec["project_id"],
+                        rec["cell"], R.pack(rec), R.pack_index(R.index_entry(eff)),
+                        flavor["vcpus"], flavor["ram"])
+        if self.render is not None:
+            self.put_views(u, self.render(eff))
+        self.summary.applied += 1
+
+    def write_live(self, u: bytes, old: Frame | None, version: int, created: int, updated: int,
+                   project: bytes, project_id: str, cell: str, body: bytes, ival: bytes,
+                   vcpus: int, ram: int) -> None:
+        """The frame of a live server and its index entries (``old``: its frame until now)."""
+        d, txn = self.d, self.txn
+        txn.put(u, L.pack_frame(version, created, updated, project, body), db=d.servers)
+        cell_key = L.by_cell_key(L.name_bytes(cell, "cell"), u)
         pkey = L.by_project_key(project, created, u)
         ckey = L.by_changed_key(updated, u)
-        flavor = eff["flavor"]
         if old is None:
             txn.put(pkey, ival, db=d.by_project)
             txn.put(L.by_created_key(created, u), ival, db=d.by_created)
             txn.put(ckey, L.CHANGED_LIVE, db=d.by_changed)
             txn.put(cell_key, b"", db=d.by_cell)
-            self.count(rec["project_id"], 1, flavor["vcpus"], flavor["ram"])
-        else:
-            # PERF: a get, no write, while the server stays in its cell (the common case);
-            # the old record is decoded only when it moved, to find its old entry.
-            if txn.get(cell_key, db=d.by_cell) is None:
-                self.forget_cell(u, old)
-                txn.put(cell_key, b"", db=d.by_cell)
-            old_pkey = L.by_project_key(old_project, old_created, u)
-            old_ival = txn.get(old_pkey, db=d.by_project)
-            if old_pkey != pkey:
-                txn.delete(old_pkey, db=d.by_project)
-                txn.delete(L.by_created_key(old_created, u), db=d.by_created)
-            if old_pkey != pkey or old_ival != ival:
-                txn.put(pkey, ival, db=d.by_project)
-                txn.put(L.by_created_key(created, u), ival, db=d.by_created)
-                if old_ival is not None:
-                    o = R.unpack_index(old_ival)
-                    self.count(o.project_id, -1, -o.vcpus, -o.ram)
-                self.count(rec["project_id"], 1, flavor["vcpus"], flavor["ram"])
-            if old_updated != updated:
-                # The old entry stays, superseded: readers skip it, trim_some removes it.
-                txn.put(ckey, L.CHANGED_LIVE, db=d.by_changed)
-        if self.render is not None:
-            self.put_views(u, self.render(eff))
-        summary.applied += 1
+            self.count(project_id, 1, vcpus, ram)
+            return
+        _, old_created, old_updated, old_project, _ = L.unpack_frame_head(old)
+        # PERF: a get, no write, while the server stays in its cell (the common case);
+        # the old record is decoded only when it moved, to find its old entry.
+        if txn.get(cell_key, db=d.by_cell) is None:
+            self.forget_cell(u, old)
+            txn.put(cell_key, b"", db=d.by_cell)
+        old_pkey = L.by_project_key(old_project, old_created, u)
+        old_ival = txn.get(old_pkey, db=d.by_project)
+        if old_pkey != pkey:
+            txn.delete(old_pkey, db=d.by_project)
+            txn.delete(L.by_created_key(old_created, u), db=d.by_created)
+        if old_pkey != pkey or old_ival != ival:
+            txn.put(pkey, ival, db=d.by_project)
+            txn.put(L.by_created_key(created, u), ival, db=d.by_created)
+            if old_ival is not None:
+                o = R.unpack_index(old_ival)
+                self.count(o.project_id, -1, -o.vcpus, -o.ram)
+            self.count(project_id, 1, vcpus, ram)
+        if old_updated != updated:
+            # The old entry stays, superseded: readers skip it, trim_some removes it.
+            txn.put(ckey, L.CHANGED_LIVE, db=d.by_changed)
 
     def tombstone(self, ch: Tombstone) -> None:
         d, txn, summary = self.d, self.txn, self.summary

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from fastpath.store import record as R
+
 ViewId = bytes
 # render(record) -> {view id: rendered JSON fragment}; called by apply for every winning upsert.
 Renderer = Callable[[Mapping[str, Any]], Mapping[ViewId, bytes]]
@@ -19,6 +21,48 @@ class Upsert:
     uuid: str
     version: int
     record: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """An :class:`Upsert` packed ahead of the write transaction (:func:`prepare_upsert`).
+
+    What ``apply`` would compute from the record inside the transaction -- the packed
+    record, the packed index entry and the rendered views -- is computed before, where it
+    can run in another process (cellsync's projector workers), so the write transaction
+    only checks versions and puts bytes.  ``apply`` stores it exactly as it would store
+    ``Upsert(uuid, version, record)`` rendered with the renderer that made ``views``; when
+    the store holds API-owned values for the server (pending commands) it unpacks ``body``
+    and merges and renders as for an Upsert (with ``apply``'s renderer).
+    """
+
+    uuid: str
+    version: int
+    project_id: str
+    cell: str
+    created_at: int
+    updated_at: int
+    vcpus: int  # the flavor's, for quota usage
+    ram: int
+    body: bytes  # record.pack(record): the record, API-owned fields at their defaults
+    index: bytes  # record.pack_index(record.index_entry(record))
+    views: Mapping[ViewId, bytes]  # render(record)
+
+
+def prepare_upsert(record: Mapping[str, Any], render: Renderer) -> Prepared:
+    """The :class:`Prepared` form of ``Upsert(record["uuid"], record["version"], record)``
+    (``record`` complete: ``record.make_record``) with its views rendered by ``render``.
+
+    The cell owns none of the API-owned fields: a value it sent for one is dropped (as
+    ``apply`` drops it from an Upsert).
+    """
+    if any(record.get(name) for name in R.API_FIELDS):
+        record = {**record, **{name: R.default_of(name) for name in R.API_FIELDS}}
+    flavor = record["flavor"]
+    return Prepared(record["uuid"], record["version"], record["project_id"], record["cell"],
+                    record["created_at"], record["updated_at"], flavor["vcpus"],
+                    flavor["ram"], R.pack(record), R.pack_index(R.index_entry(record)),
+                    render(record))
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +108,7 @@ class CatalogPut:
 class Batch:
     """Everything one write transaction applies."""
 
-    changes: Sequence[Upsert | Tombstone] = ()
+    changes: Sequence[Upsert | Prepared | Tombstone] = ()
     cursor: tuple[str, int] | None = None  # (cell name, feed sequence covered)
     catalog: Sequence[CatalogPut] = ()
     reset_cursor: bool = False  # set the cursor even if lower (resync of a cell)
