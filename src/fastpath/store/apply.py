@@ -127,7 +127,7 @@ class Apply:
             return
         project = L.name_bytes(ch.project_id, "project_id")
         self.write_live(u, old, ch.version, ch.created_at, ch.updated_at, project, ch.project_id,
-                        ch.cell, ch.body, ch.index, ch.vcpus, ch.ram)
+                        ch.cell, ch.body, ch.index_value, ch.vcpus, ch.ram)
         self.put_views(u, ch.views)
         self.summary.applied += 1
 
