@@ -32,3 +32,6 @@ lint:
 
 clean:
 	rm -rf build src/fastpath/_core.c src/fastpath/_core*.so src/fastpath/_core.html src/fastpath/_core_hash.h
+	find src/fastpath cellsync -name '*.cpython-*.so' -delete
+	find src/fastpath cellsync -name '*.c' -not -path '*/includes/*' -delete
+	rm -f src/fastpath/_accel.json

@@ -109,6 +109,28 @@ def plan(names: Sequence[str], manifest: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def strays(tops: Sequence[str] = ("fastpath", "cellsync")) -> dict[str, str]:
+    """Compiled modules beside a ``.py`` that are not in :data:`MODULES` (``_core`` has
+    its own check): left by an older build that compiled more; ``{module: its .py}``."""
+    out: dict[str, str] = {}
+    for top in tops:
+        base = _package_dir(top)
+        if base is None:
+            continue
+        for root, dirs, files in os.walk(base):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            for f in files:
+                stem = next((f[:-len(s)] for s in importlib.machinery.EXTENSION_SUFFIXES
+                             if f.endswith(s)), None)
+                if stem is None or not os.path.exists(os.path.join(root, stem + ".py")):
+                    continue
+                rel = os.path.relpath(os.path.join(root, stem), base).replace(os.sep, ".")
+                name = f"{top}.{rel}"
+                if name not in MODULES and name != "fastpath._core":
+                    out[name] = os.path.join(root, stem + ".py")
+    return out
+
+
 class _SourceFinder(importlib.abc.MetaPathFinder):
     """Imports the ``.py`` of the modules named, ahead of their stale compiled copies."""
 
@@ -138,10 +160,17 @@ def install() -> dict[str, str]:
     decided = plan(list(MODULES), manifest if isinstance(manifest, dict) else {})
     stale = {n: _locate(n)[1] for n, s in decided.items() if s == "stale"}
     if stale:
-        sys.meta_path.insert(0, _SourceFinder({n: p for n, p in stale.items() if p}))
-        log.warning("compiled modules older than their sources: %s; running the sources "
-                    "(slower). Rebuild: pip install -e . (or make build)",
+        log.warning("compiled modules older than their sources: %s; running the sources"
+                    " (slower). Rebuild: pip install -e . (or make build)",
                     ", ".join(sorted(stale)))
+    extra = strays()  # compiled by an older build: not run either
+    if extra:
+        log.warning("compiled modules that no build makes any more: %s; running the sources."
+                    " Delete them (make clean, then make build)", ", ".join(sorted(extra)))
+        decided.update(dict.fromkeys(extra, "stale"))
+        stale.update(extra)
+    if stale:
+        sys.meta_path.insert(0, _SourceFinder({n: p for n, p in stale.items() if p}))
     _status.update(decided)
     return _status
 

@@ -74,3 +74,10 @@ def test_a_stale_compiled_module_is_bypassed_for_its_source(fake_pkg: Path) -> N
         assert mod.WHERE == "source" and mod.__file__ == str(fake_pkg / "leaf.py")
     finally:
         sys.meta_path.remove(finder)
+
+
+def test_a_compiled_module_no_build_makes_is_a_stray(fake_pkg: Path) -> None:
+    assert _accel.strays(("accelfake",)) == {}
+    so_of(fake_pkg).write_bytes(b"not an ELF file")
+    assert _accel.strays(("accelfake",)) == {"accelfake.leaf": str(fake_pkg / "leaf.py")}
+    assert _accel.strays() == {}  # this tree: only what setup.py builds
