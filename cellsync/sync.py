@@ -183,6 +183,7 @@ class CellStats:
     pending_at: int | None = None  # commit time (µs) of the oldest entry not yet applied
     applied_total: int = 0
     resyncs_total: int = 0
+    batches_total: int = 0  # store write transactions (applied_total / this: batch size)
     limit: int = 0  # the current batch size (time budget)
     acked: int | None = None  # the cursor last reported to the cell
     acked_when: float = 0.0
@@ -429,7 +430,7 @@ class CellSync:
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per cell: ``cursor``, ``head`` (max seq seen), ``lag_seqs``, ``lag_seconds`` (age of
         the oldest feed entry not yet applied, by its commit time; 0 when caught up),
-        ``applied_total``, ``resyncs_total`` (for /metrics)."""
+        ``applied_total``, ``resyncs_total``, ``batches_total`` (for /metrics)."""
         now = self.clock()
         out: dict[str, dict[str, Any]] = {}
         for cell in self.cells:
@@ -445,6 +446,7 @@ class CellSync:
                 "lag_seconds": lag,
                 "applied_total": st.applied_total,
                 "resyncs_total": st.resyncs_total,
+                "batches_total": st.batches_total,
             }
         return out
 
@@ -465,6 +467,7 @@ class CellSync:
         elif took < budget / 2 and st.limit < cap:
             st.limit = min(cap, st.limit * 2)
         st.applied_total += summary.applied + summary.tombstoned
+        st.batches_total += 1
         self._since_trim += summary.applied + summary.tombstoned
         return summary
 

@@ -411,10 +411,12 @@ def test_stats_follow_cursor_head_and_lag(env: tuple[Store, dict[str, SqliteCell
     clock[0] = ats[2] / 1e6 + 1.5
     st = s.stats()["cell1"]
     assert (st["cursor"], st["head"], st["lag_seqs"], st["applied_total"]) == (2, 5, 3, 2)
+    assert st["batches_total"] == 1
     assert st["lag_seconds"] == pytest.approx(1.5)  # entry 3, the oldest not applied
     s.run_until_idle()
     st = s.stats()["cell1"]
     assert (st["cursor"], st["lag_seqs"], st["lag_seconds"], st["applied_total"]) == (5, 0, 0.0, 5)
+    assert st["batches_total"] == 3  # batches of 2: 2 + 2 + 1
     db.prune_changes(db.max_seq())
     create(db, 9)
     create(db, 10)

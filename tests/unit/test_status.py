@@ -170,7 +170,7 @@ def test_cellsync_stats_file_and_its_metrics(data_dir: Path) -> None:
     assert cellsync_metric_lines(str(data_dir)) == []  # cellsync never ran here
     doc = {"pid": 9, "updated_at": time.time() - 2.5, "cells": {
         "cell1": {"cursor": 10, "head": 12, "lag_seqs": 2, "lag_seconds": 0.25,
-                  "applied_total": 345, "resyncs_total": 1},
+                  "applied_total": 345, "resyncs_total": 1, "batches_total": 7},
         'we"ird': {"cursor": 0, "head": 0, "lag_seqs": 0, "lag_seconds": 0.0,
                    "applied_total": 0, "resyncs_total": 0},
     }}
@@ -182,6 +182,8 @@ def test_cellsync_stats_file_and_its_metrics(data_dir: Path) -> None:
     assert samples['fastpath_cellsync_lag_seqs{cell="cell1"}'] == "2"
     assert samples['fastpath_cellsync_changes_applied_total{cell="cell1"}'] == "345"
     assert samples['fastpath_cellsync_resyncs_total{cell="cell1"}'] == "1"
+    assert samples['fastpath_cellsync_batches_total{cell="cell1"}'] == "7"
+    assert 'fastpath_cellsync_batches_total{cell="we\\"ird"}' not in samples  # older file
     assert samples['fastpath_cellsync_lag_seqs{cell="we\\"ird"}'] == "0"
     assert 2.4 <= float(samples["fastpath_cellsync_stats_age_seconds"]) < 60
     # A torn or foreign file is ignored, never an error on /metrics.

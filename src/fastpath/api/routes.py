@@ -157,6 +157,8 @@ _CELLSYNC_SERIES = (
      "Servers applied to the store from the cell since cellsync started."),
     ("fastpath_cellsync_resyncs_total", "resyncs_total", "counter",
      "Full resyncs of the cell since cellsync started (gap, regression, requested)."),
+    ("fastpath_cellsync_batches_total", "batches_total", "counter",
+     "Store write transactions that applied changes of the cell since cellsync started."),
 )
 
 
