@@ -373,7 +373,7 @@ class CellSync:
         self.tombstone_retention = tombstone_retention
         self.clock = clock
         self._stats: dict[str, CellStats] = {}
-        self._since_trim = 0  # changes applied since the changes log was last trimmed
+        self._since_trim = 0  # changes applied and not walked by a trim (see housekeeping)
         # The store's cells entries as last decoded, valid while the table's generation is.
         self._cells_gen = -1
         self._cells_seen: dict[str, dict[str, Any] | None] = {}
@@ -468,7 +468,8 @@ class CellSync:
             st.limit = min(cap, st.limit * 2)
         st.applied_total += summary.applied + summary.tombstoned
         st.batches_total += 1
-        self._since_trim += summary.applied + summary.tombstoned
+        self._since_trim = max(0, self._since_trim + summary.applied + summary.tombstoned
+                               - summary.trim_walked)
         return summary
 
     def _behind(self, st: CellStats) -> bool:
@@ -479,13 +480,14 @@ class CellSync:
     def housekeeping(self, idle: bool = False) -> None:
         """The store's upkeep that comes with applying, each in its own short write txn:
 
-        - trim the changes log (``by_changed`` is append-only): walking four entries per
-          change applied since the last trim keeps it near one entry per server.  A trim is
-          a durable commit of its own, so it runs when a round found nothing to apply
-          (``idle``), or while busy once per :data:`TRIM_EVERY` batches (one entry walked
-          per change: the log stays under about twice the servers); each call walks at
-          most ``4 * TRIM_CHUNK`` batches' worth of entries (the writer lock is shared
-          with the API's commands);
+        - trim the changes log (``by_changed`` is append-only).  A tailing batch walks one
+          entry per change in its own transaction (``Batch.trim``: the log stays under
+          about twice the servers, and no commit of its own).  Here, walking four entries
+          per change applied and not yet walked keeps the log near one entry per server:
+          when a round found nothing to apply (``idle``), or while busy once
+          :data:`TRIM_EVERY` batches' worth of changes were applied without a walk
+          (resyncs); each call walks at most ``4 * TRIM_CHUNK`` batches' worth of entries
+          (the writer lock is shared with the API's commands);
         - every :data:`PURGE_INTERVAL` seconds, purge the tombstones older than
           ``tombstone_retention`` (when set), which raises the store's tombstone horizon.
 
@@ -494,8 +496,8 @@ class CellSync:
         if self._since_trim and (idle or self._since_trim >= TRIM_EVERY * self.batch):
             n = min(self._since_trim, TRIM_CHUNK * self.batch)
             self.store.trim_changes(4 * n)
-            # Busy: one entry walked per change (the log stays under about twice the
-            # servers); idle rounds walk four per change until caught up.
+            # Busy: one entry walked per change (as a tailing batch walks); idle rounds
+            # walk four per change until caught up.
             self._since_trim = self._since_trim - n if idle else 0
         if self.tombstone_retention is not None:
             now = self.clock()
@@ -662,9 +664,12 @@ class CellSync:
             # repair=True: these are the servers' *current* rows, never a stale update, so
             # the tombstone horizon (meant for stale redeliveries) must not refuse a server
             # created while this consumer was away and the store purged old tombstones.
+            # The changes log is trimmed in the same transaction, one entry walked per
+            # change (housekeeping catches up when idle): no durable commit of its own.
             summary = self._apply(st, Batch(changes, cursor=None if last is None else (cell, last),
                                             catalog=plan.puts, repair=True,
-                                            cursor_mark=entries[-1].at if entries else 0))
+                                            cursor_mark=entries[-1].at if entries else 0,
+                                            trim=len(changes)))
             res.servers = len(changes)
             res.summaries.append(summary)
             if last is not None:

@@ -594,6 +594,26 @@ def test_trim_removes_superseded_log_entries_only(store: Store) -> None:
         assert r.check() == []
 
 
+def test_a_batch_trims_the_log_in_its_own_transaction(store: Store) -> None:
+    """Batch.trim: the walk of trim_changes, inside the batch's transaction (one commit),
+    resuming where the last walk stopped; the batch's own entries are current, kept."""
+    store.apply(Batch([up(i, 1) for i in range(10)]))
+    store.apply(Batch([up(i, 2) for i in range(10)]))  # 10 superseded entries
+    writes = store.counters.writes
+    s = store.apply(Batch([up(i, 3) for i in range(5)], trim=8))
+    # The log in time order: server 0 at v1, v2, v3, server 1 at v1, v2, v3, server 2...
+    # the first 8 entries hold 6 superseded ones.
+    assert (s.applied, s.trim_walked, s.trim_removed) == (5, 8, 6)
+    with store.read() as r:
+        assert r.changes_log_size() == (10 + 10 + 5 - 6, 10)
+    s = store.apply(Batch([], trim=100))  # the rest of the sweep: to the end of the log
+    assert (s.trim_walked, s.trim_removed) == (25 - 8, 15 - 6)
+    with store.read() as r:
+        assert r.changes_log_size() == (10, 10)
+        assert r.check() == []
+    assert store.counters.writes == writes + 2  # one write transaction per batch
+
+
 # -- tombstone retention ----------------------------------------------------------------------
 def test_purge_removes_old_tombstones_and_guards_against_resurrection(store: Store) -> None:
     store.apply(Batch([up(i, 1) for i in range(4)]))

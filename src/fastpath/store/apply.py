@@ -95,6 +95,9 @@ class Apply:
             self.bump_generation(table)
         if batch.cursor is not None:
             self.cursor(batch.cursor, batch.reset_cursor, batch.cursor_mark)
+        if batch.trim > 0:
+            walked, removed, _ = trim_some(self.txn, self.d, batch.trim)
+            self.summary.trim_walked, self.summary.trim_removed = walked, removed
         return self.summary
 
     # -- servers ---------------------------------------------------------------------------------

@@ -118,6 +118,9 @@ class Batch:
     # A fingerprint of the feed entry at the cursor (cellsync: its commit time), kept with
     # the cursor: a cell whose entry at that seq differs later has been restored (cellsync).
     cursor_mark: int = 0
+    # Also walk up to this many entries of the changes log and delete the superseded ones
+    # (apply.trim_some), in this transaction: no commit of its own for the upkeep.
+    trim: int = 0
 
 
 @dataclass(slots=True)
@@ -130,3 +133,5 @@ class ApplySummary:
     cursor: int | None = None  # the cell's cursor after this transaction
     cursor_moved: bool = False
     map_resizes: int = 0  # times the map grew while applying
+    trim_walked: int = 0  # changes-log entries walked by Batch.trim
+    trim_removed: int = 0  # ... and deleted (superseded)
