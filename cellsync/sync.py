@@ -387,6 +387,15 @@ class CellSync:
         if workers > 0 and self.projector is None:
             self.projector = Projector(workers)
 
+    def drop_cell(self, cell: str) -> CellDB:
+        """Stop syncing ``cell`` (another process took it over); returns its database for
+        the caller to close.  A batch read ahead for it is dropped."""
+        step = self._ahead.pop(cell, None)
+        if isinstance(step, _Plan) and step.projected is not None:
+            step.projected.cancel()
+        self._stats.pop(cell, None)
+        return self.cells.pop(cell)
+
     def close(self) -> None:
         """Stop the projector's workers (the cells and the store are the caller's)."""
         self._ahead.clear()

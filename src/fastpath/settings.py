@@ -366,9 +366,15 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=1, maximum=10000,
     ),
     Setting(
-        "cellsync.workers", int, 2,
-        "Worker processes in which the cellsync daemon reads, projects and renders busy "
-        "cells' next batches while it applies the other cells' (0: all in its own process).",
+        "cellsync.shards", int, 2,
+        "Processes among which the cellsync daemon shares the cells: each tails its share "
+        "(read, project, render, apply) on its own; 1: one process for every cell.",
+        minimum=1, maximum=64,
+    ),
+    Setting(
+        "cellsync.workers", int, 0,
+        "Worker processes (per cellsync shard) in which busy cells' next batches are read, "
+        "projected and rendered while the shard applies the other cells' (0: none).",
         minimum=0, maximum=64,
     ),
     Setting(

@@ -79,6 +79,11 @@ class Control:
         """True when run by the master (a shared-memory slot is attached)."""
         return self._shm is not None
 
+    def fileno(self) -> int:
+        """Readable when a stop was asked (for a loop that selects on more than a bell;
+        :meth:`sleep` drains it)."""
+        return self._wake_r
+
     # -- the loop's calls ------------------------------------------------------------------
     def should_stop(self) -> bool:
         return self._stop

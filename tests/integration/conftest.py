@@ -45,6 +45,17 @@ def seed_catalog(data: Path) -> None:
         store.close()
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux: /proc/PID/task/TID/children); [] once gone."""
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    except FileNotFoundError:
+        return []
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,6 +18,7 @@ from typing import Any
 
 from fastpath.seed import project_id, user_id
 from tests.integration.conftest import _alive as alive  # not a zombie either
+from tests.integration.conftest import children
 
 Factory = Callable[..., Any]
 SIDECAR_ROLES = ("cell", "cellsync", "forwarder")
@@ -196,13 +197,17 @@ def test_seed_waits_for_a_frozen_cellsync_only_so_long(
     server = fastpath_server(workers=1, data_dir=data)
     first = wait_until(lambda: all_ready(server, {"cell1", "cell2", "cellsync"}), WAIT,
                        "cells and cellsync ready", step=0.1)
-    frozen = first["cellsync"]["pid"]
-    os.kill(frozen, signal.SIGSTOP)
+    # cellsync and its shard processes (cellsync.shards), which tail the cells on their own.
+    frozen = [first["cellsync"]["pid"], *children(first["cellsync"]["pid"])]
+    assert len(frozen) >= 3
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
     try:
         done = cli("seed", "--data-dir", str(data), "--servers", "40", "--projects", "2",
                    "--wait", "1")
     finally:
-        os.kill(frozen, signal.SIGCONT)
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
     assert done.returncode == 1
     assert "cellsync did not catch up within 1 s (cell1 at " in done.stderr
     wait_until(lambda: len(server_ids(server, 2)) == 40, WAIT, "the 40 servers on the API")

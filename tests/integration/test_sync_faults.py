@@ -44,6 +44,7 @@ from fastpath.cell.db import SqliteCellDB
 from fastpath.cell.registry import cell_path, open_cell
 from fastpath.settings import load as load_settings
 from fastpath.store import Batch, Store
+from tests.integration.conftest import children
 
 CELLS = ("cell1", "cell2")
 VERIFY_LINE = re.compile(r"^checked (\d+) servers in (\d+) cells: (\d+) divergent$")
@@ -783,8 +784,8 @@ def test_standalone_sidecars_killed_while_commands_flow(
     rig: Rig, fastpath_server: Callable[..., Any]
 ) -> None:
     """``fastpath serve`` runs the two cells and cellsync under its master; commands stream
-    into the inboxes while cellsync and a cell are killed with SIGKILL (the master restarts
-    them) and cellsync is frozen (SIGSTOP) for a while; the cells prune their feeds as soon
+    into the inboxes while cellsync, one of its shard processes and a cell are killed with
+    SIGKILL (the master restarts them) and cellsync is frozen (SIGSTOP) for a while; the cells prune their feeds as soon
     as cellsync acknowledges.  Every command finishes once as it should, verify is clean,
     the API answers 404 for every deleted server of the sample and 200 for the live ones."""
     t0 = time.monotonic()
@@ -795,7 +796,7 @@ def test_standalone_sidecars_killed_while_commands_flow(
     rig.wait_until(lambda: all(sidecar_pid(server, "cell", c) for c in CELLS)
                    and sidecar_pid(server, "cellsync"), START_TIMEOUT, "the sidecars")
     gen, out = rig.changegen("--mode", "inbox", "--duration", "60", "--rate", "100")
-    faults = ["cellsync", "cellsync", ("cell", "cell1"), "cellsync", ("cell", "cell2"), "stop"]
+    faults = ["cellsync", "shard", ("cell", "cell1"), "cellsync", ("cell", "cell2"), "stop"]
     for fault in faults:
         time.sleep(rig.rng.uniform(0.3, 0.8))
         assert gen.running(), gen.stderr()
@@ -803,6 +804,14 @@ def test_standalone_sidecars_killed_while_commands_flow(
         pid = rig.wait_until(lambda r=role, n=name: sidecar_pid(server, r, n), 30,
                              lambda r=role, n=name: f"{r} {n or ''} to run:\n"
                                                     f"{server.stderr()[-3000:]}")
+        if fault == "shard":  # one of cellsync's shard processes: cellsync stops, restarted
+            shards = rig.wait_until(lambda p=pid: [c for c in children(p) if b"spawn_main" in
+                                                    Path(f"/proc/{c}/cmdline").read_bytes()],
+                                    30, "cellsync's shards")
+            os.kill(shards[0], signal.SIGKILL)
+            rig.wait_until(lambda old=pid: sidecar_pid(server, "cellsync") not in (None, old),
+                           30, "the master to restart cellsync after a shard died")
+            continue
         if fault == "stop":  # frozen, as in a long GC pause or a stopped VM, then thawed
             os.kill(pid, signal.SIGSTOP)
             time.sleep(rig.rng.uniform(0.5, 1.5))

@@ -532,7 +532,7 @@ class Master:
             for i, name in enumerate(cells):
                 out.append(Sidecar(ROLE_CELL, name, i, _cell_target(run_cell, name), settings))
         if settings["standalone.cellsync"]:
-            from cellsync.__main__ import run_daemon
+            from cellsync.daemon import run_daemon
 
             out.append(Sidecar(ROLE_CELLSYNC, "cellsync", 0, run_daemon, settings))
         if settings["standalone.forwarder"]:
