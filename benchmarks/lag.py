@@ -20,7 +20,9 @@ and, as a cell does after each commit, the script rings cellsync's bell.
 A sample: rename one probe server (``update_instance(name=...)``, one cell transaction,
 durable), take t0 when the commit returns, ring the bell, then GET the server on a
 keep-alive connection until the new name is in the body: t1.  lag = t1 - t0 (a GET
-every ~0.7 ms: 0.5 ms pause + the round trip; that is the resolution).  Probe servers alternate between the
+every ~0.7 ms: 0.5 ms pause + the round trip; that is the resolution; ``--poll-ms``
+changes the pause: at 10,000 changes/s the probe's GETs take ~11 % of the 2 cores with
+the default, which the processes measured then lack).  Probe servers alternate between the
 cells; a random pause of 10-30 ms separates samples.
 
 Phases: ``idle`` (only the probe writes), then one ``load R/s`` phase per ``--rate`` value:
@@ -247,7 +249,8 @@ def writer_main(data_dir: str, cell: str, rate: float, txn: int, servers: int,
 
 # -- sampling -------------------------------------------------------------------------------
 def sample(api: Api, dbs: dict[str, Any], bell: str, probes: list[tuple[str, str]], n: int,
-           seq: list[int], budget: float = 3600.0, timeout: float = 120.0) -> list[float]:
+           seq: list[int], budget: float = 3600.0, timeout: float = 120.0,
+           poll_pause: float = POLL_PAUSE) -> list[float]:
     """Up to ``n`` lag samples, stopping early after ``budget`` seconds (a backlog that
     grows makes every sample wait for it)."""
     lags: list[float] = []
@@ -271,7 +274,7 @@ def sample(api: Api, dbs: dict[str, Any], bell: str, probes: list[tuple[str, str
                 break
             if t1 - t0 > timeout:
                 raise TimeoutError(f"{u} did not show {name} within {timeout} s")
-            time.sleep(POLL_PAUSE)
+            time.sleep(poll_pause)
         lags.append(t1 - t0)
         time.sleep(rnd.uniform(0.010, 0.030))
     return lags
@@ -299,7 +302,8 @@ def load_phase(a: argparse.Namespace, procs: Procs, data_dir: str, tmp: Path, ap
         "--rate", str(rate / len(CELLS)), "--txn", str(a.txn),
         "--servers", str(a.servers), "--seconds", "3600"]) for c in CELLS]
     time.sleep(1.0)  # the writers reach their pace (a ramp, not a measurement)
-    lags = sample(api, dbs, bell, probes, a.samples, seq, a.budget)
+    lags = sample(api, dbs, bell, probes, a.samples, seq, a.budget,
+                  poll_pause=a.poll_ms / 1000)
     stats = cellsync_stats(data_dir)
     load = os.getloadavg()[0]
     for w in writers:
@@ -362,8 +366,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             probes.sort(key=lambda p: p[1])
             seq = [0]
             sample(api, dbs, bell, probes, 20, seq)  # warm-up
-            phases: dict[str, Any] = {"idle": summary(sample(api, dbs, bell, probes,
-                                                               a.samples, seq, a.budget))}
+            phases: dict[str, Any] = {"idle": summary(sample(
+                api, dbs, bell, probes, a.samples, seq, a.budget, poll_pause=a.poll_ms / 1000))}
             phases["idle"]["loadavg_1m"] = round(os.getloadavg()[0], 2)
             print(f"idle: {phases['idle']}", flush=True)
             for rate in a.rate:
@@ -396,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a setting for fastpath serve (e.g. cellsync.batch=2000); repeatable")
     ap.add_argument("--budget", type=float, default=60.0,
                     help="seconds of sampling per phase at most (fewer samples if reached)")
+    ap.add_argument("--poll-ms", type=float, default=POLL_PAUSE * 1000,
+                    help="pause between two polling GETs of a sample (default 0.5 ms): the "
+                         "resolution, and the probe's CPU taken from the processes measured")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "lag.json"))
     # writer process (internal)
     ap.add_argument("--writer", metavar="CELL")
