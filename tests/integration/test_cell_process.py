@@ -97,12 +97,16 @@ def test_cell_and_cellsync_processes_are_woken_by_their_bells(tmp_path: Path) ->
         cp = run("fastpath", "verify", "--data-dir", str(data))
         assert cp.returncode == 0, cp.stdout + cp.stderr
         assert cp.stdout.splitlines()[-1] == "checked 1 servers in 1 cells: 0 divergent"
+        assert all(Path(bell_path(str(data), f"cellsync-shard{k}")).exists() for k in range(2))
         for p in procs:
             p.send_signal(signal.SIGTERM)
         for p in procs:
             assert p.wait(15) == 0, p.communicate()[1]
         assert not Path(cell_bell).exists()  # each removes its own bell on a clean stop
         assert not Path(bell_path(str(data), "cellsync")).exists()
+        # cellsync's shards (cellsync.shards, 2) stopped cleanly with it, bells removed too.
+        assert not any(Path(bell_path(str(data), f"cellsync-shard{k}")).exists()
+                       for k in range(2))
     finally:
         for p in procs:
             if p.poll() is None:
