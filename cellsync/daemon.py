@@ -137,7 +137,13 @@ class _Alone:
         self.ctl.ready()
 
     def sleep(self, timeout: float) -> None:
-        self.ctl.sleep(timeout, self.bell)
+        """Until the bell, ``timeout`` or a stop, beating while idle."""
+        end = time.monotonic() + timeout
+        while not self.ctl.should_stop():
+            left = end - time.monotonic()
+            if left <= 0 or self.ctl.sleep(min(left, SHARD_BEAT_EVERY), self.bell):
+                return
+            self.beat()
 
     def publish(self, cells: dict[str, Any], force: bool = False) -> float | None:
         return self.stats.publish(cells, force)
@@ -213,7 +219,8 @@ def run_daemon(settings: Settings, ctl: Control) -> int:
 # processes, the executor's threads); shards that each run the whole pipeline for their own
 # cells spend what one process does (~90 us) and apply in parallel, taking turns only for
 # LMDB's single writer.
-SHARD_START_TIMEOUT = 60.0
+SHARD_BEAT_EVERY = 1.0  # a shard's loop tells the daemon it turns, at most this often
+SHARD_SILENT = 10.0  # a shard silent this long: the daemon stops its own heartbeat
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
@@ -224,18 +231,29 @@ class _Shard:
     def __init__(self, conn: Connection, bell: Doorbell, ctl: Control) -> None:
         self.conn, self.bell, self.ctl = conn, bell, ctl
         self.stats = StatsFile("", send=lambda cells: self._send(("stats", cells)))
+        self._beat = -SHARD_BEAT_EVERY
 
     def should_stop(self) -> bool:
         return self.ctl.should_stop()
 
     def beat(self) -> None:
-        pass  # the daemon beats for the shards; it watches that they live
+        """Tell the daemon this shard's loop turns (at most every SHARD_BEAT_EVERY s)."""
+        now = time.monotonic()
+        if now - self._beat >= SHARD_BEAT_EVERY:
+            self._beat = now
+            self._send(("beat", None))
 
     def ready(self) -> None:
         self._send(("ready", None))
 
     def sleep(self, timeout: float) -> None:
-        self.ctl.sleep(timeout, self.bell)
+        """Until the bell, ``timeout`` or a stop, beating while idle."""
+        end = time.monotonic() + timeout
+        while not self.ctl.should_stop():
+            left = end - time.monotonic()
+            if left <= 0 or self.ctl.sleep(min(left, SHARD_BEAT_EVERY), self.bell):
+                return
+            self.beat()
 
     def publish(self, cells: dict[str, Any], force: bool = False) -> float | None:
         return self.stats.publish(cells, force)
@@ -313,9 +331,20 @@ def _run_shards(settings: Settings, ctl: Control, bell: Doorbell, stats: StatsFi
         cells: dict[int, dict[str, Any]] = {}
         ready: set[int] = set()
         started = time.monotonic()
+        heard = [started] * n  # when each shard last said anything
         held: float | None = None
+        silent = False
         while not ctl.should_stop():
-            ctl.beat()
+            # The master's watchdog sees the shards through this beat: a shard whose loop
+            # stopped turning (stuck) stops it, and after master.sidecar_timeout the master
+            # kills and restarts cellsync, as it would a single stuck process.
+            stuck = [k for k in range(n) if time.monotonic() - heard[k] > SHARD_SILENT]
+            if not stuck:
+                ctl.beat()
+            elif not silent:
+                log.warning("cellsync shard(s) %s silent for more than %.0f s: no heartbeat"
+                            " until they answer", stuck, SHARD_SILENT)
+            silent = bool(stuck)
             fds = [ctl.fileno(), bell.fileno(), *(c.fileno() for _, c, _ in shards)]
             timeout = min(1.0, held) if held is not None else 1.0
             readable, _, _ = select.select(fds, [], [], timeout)
@@ -332,6 +361,7 @@ def _run_shards(settings: Settings, ctl: Control, bell: Doorbell, stats: StatsFi
                     log.error("cellsync shard %d (pid %s) died (exit code %s): stopping",
                               k, proc.pid, proc.exitcode)
                     return 1
+                heard[k] = time.monotonic()
                 if kind == "ready":
                     ready.add(k)
                     if len(ready) == n:
@@ -339,10 +369,6 @@ def _run_shards(settings: Settings, ctl: Control, bell: Doorbell, stats: StatsFi
                         ctl.ready()
                 elif kind == "stats":
                     cells[k] = value
-            if len(ready) < n and time.monotonic() - started > SHARD_START_TIMEOUT:
-                log.error("cellsync: shards not ready after %.0f s: stopping",
-                          SHARD_START_TIMEOUT)
-                return 1
             merged: dict[str, Any] = {}
             for k in sorted(cells):
                 merged.update(cells[k])

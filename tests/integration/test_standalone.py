@@ -212,3 +212,46 @@ def test_seed_waits_for_a_frozen_cellsync_only_so_long(
     assert "cellsync did not catch up within 1 s (cell1 at " in done.stderr
     wait_until(lambda: len(server_ids(server, 2)) == 40, WAIT, "the 40 servers on the API")
     assert verify(data) == "checked 40 servers in 2 cells: 0 divergent"
+
+
+def shards_of(pid: int) -> list[int]:
+    """cellsync's shard processes (not multiprocessing's resource tracker)."""
+    out = []
+    for c in children(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes():
+                out.append(c)
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def test_a_stuck_cellsync_shard_gets_cellsync_restarted(
+    tmp_path: Path, fastpath_server: Factory, wait_until: Callable[..., Any]
+) -> None:
+    """A shard whose loop stops turning (frozen with SIGSTOP) stops cellsync's heartbeat, so
+    the master's watchdog (master.sidecar_timeout) kills cellsync -- the frozen shard dies
+    with it -- and starts it again; servers seeded meanwhile come up."""
+    data = tmp_path / "data"
+    server = fastpath_server(workers=1, data_dir=data,
+                             args=["--set", "master.sidecar_timeout=3"])
+    first = wait_until(lambda: all_ready(server, {"cell1", "cell2", "cellsync"}), WAIT,
+                       "cells and cellsync ready", step=0.1)
+    old = first["cellsync"]["pid"]
+    shards = wait_until(lambda: shards_of(old) if len(shards_of(old)) == 2 else None, WAIT,
+                        "cellsync's two shards")
+    os.kill(shards[0], signal.SIGSTOP)
+    try:
+        new = wait_until(lambda: (all_ready(server, {"cellsync"}) or {}).get("cellsync", {})
+                         .get("pid") not in (None, old), WAIT,
+                         lambda: f"cellsync restarted: {sidecars(status(server))}", step=0.2)
+        assert new
+        wait_until(lambda: not alive(shards[0]), WAIT, "the frozen shard to be gone")
+    finally:
+        if alive(shards[0]):
+            os.kill(shards[0], signal.SIGCONT)
+    assert "silent for more than" in server.stderr()
+    done = cli("seed", "--data-dir", str(data), "--servers", "20", "--projects", "2")
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: len(server_ids(server, 2)) == 20, WAIT, "the 20 servers on the API")
+    assert verify(data) == "checked 20 servers in 2 cells: 0 divergent"
