@@ -137,13 +137,7 @@ class _Alone:
         self.ctl.ready()
 
     def sleep(self, timeout: float) -> None:
-        """Until the bell, ``timeout`` or a stop, beating while idle."""
-        end = time.monotonic() + timeout
-        while not self.ctl.should_stop():
-            left = end - time.monotonic()
-            if left <= 0 or self.ctl.sleep(min(left, SHARD_BEAT_EVERY), self.bell):
-                return
-            self.beat()
+        self.ctl.sleep(timeout, self.bell)  # it beats while it waits
 
     def publish(self, cells: dict[str, Any], force: bool = False) -> float | None:
         return self.stats.publish(cells, force)
