@@ -313,7 +313,7 @@ def _run_shards(settings: Settings, ctl: Control, bell: Doorbell, stats: StatsFi
     n = settings["cellsync.shards"]
     ctx = multiprocessing.get_context("spawn")
     shards: list[tuple[Any, Connection, str]] = []
-    log.info("cellsync syncing the cells of %s in %d shards (bell %s)", data_dir, n, bell.path)
+    log.info("cellsync starting %d shards for the cells of %s (bell %s)", n, data_dir, bell.path)
     try:
         for k in range(n):
             r, w = ctx.Pipe(duplex=False)
